@@ -1,0 +1,230 @@
+"""The `latentvae` command line (also `python -m latentvae`).
+
+    latentvae info PATH
+    latentvae convert IN OUT --to diffusers|ldm [--dtype fp16|bf16|fp32]
+    latentvae reconstruct PATH IMAGE... --out DIR [--tile] [--resolution N]
+
+To add a subcommand, add a `Subcommand` to `SUBCOMMANDS`: a help line, a function that adds its arguments to an
+`argparse.ArgumentParser`, and a function that runs it from the parsed namespace and returns the exit code.
+Expected failures (missing file, refused pickle, weights that do not fit) print one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from latentvae.export import save_diffusers, save_ldm
+from latentvae.images import BadImageError, load_rgb, resize_shorter_side
+from latentvae.loading import VAEFileError, build_vae, load_vae, read_vae
+from latentvae.metrics import psnr, to_uint8
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class UsageError(ValueError):
+    """Arguments that parse but cannot be honoured (e.g. an output path of the wrong kind)."""
+
+
+EXPECTED_ERRORS = (FileNotFoundError, VAEFileError, UsageError, BadImageError)
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _add_allow_pickle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read .ckpt/.pt/.pth/.bin files with torch.load(weights_only=True); only for files you trust",
+    )
+
+
+# ----- info -----
+
+
+def _configure_info(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="VAE folder or weights file (diffusers or original-SD layout)")
+    _add_allow_pickle(parser)
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters of the encoder side (encoder + quant_conv), the decoder side (post_quant_conv + decoder), all."""
+    counts = {"encoder": 0, "decoder": 0, "total": 0}
+    for name, param in model.named_parameters():
+        side = "encoder" if name.startswith(("encoder.", "quant_conv.")) else "decoder"
+        counts[side] += param.numel()
+        counts["total"] += param.numel()
+    return counts
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    vae_file = read_vae(args.path, allow_pickle=args.allow_pickle)
+    model = build_vae(vae_file)  # building it checks that every tensor fits
+    c = model.config
+    counts = parameter_counts(model)
+    yes = {True: "yes", False: "no"}
+    rows = {
+        "path": str(args.path),
+        "format": vae_file.file_format,
+        "weights": str(vae_file.path),
+        "config": vae_file.config_source,
+        "class": type(model).__name__,
+        "channels": f"in {c.in_channels}, out {c.out_channels}, latent {c.latent_channels}",
+        "block_out_channels": f"{list(c.block_out_channels)}, {c.layers_per_block} layers per block",
+        "norm_num_groups": str(c.norm_num_groups),
+        "mid attention": yes[c.mid_block_add_attention],
+        "quant convs": f"quant_conv {yes[c.use_quant_conv]}, post_quant_conv {yes[c.use_post_quant_conv]}",
+        "downsampling": f"{model.downsampling_factor}x",
+        "parameters": f"encoder {counts['encoder']:,}, decoder {counts['decoder']:,}, total {counts['total']:,}",
+        "scaling_factor": f"{c.scaling_factor} (shift_factor {c.shift_factor})",
+        "force_upcast": str(c.force_upcast),
+    }
+    width = max(map(len, rows)) + 1
+    for key, value in rows.items():
+        print(f"{key + ':':<{width}} {value}")
+    return 0
+
+
+# ----- convert -----
+
+
+def _configure_convert(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="VAE folder or weights file to read")
+    parser.add_argument("output", help="--to diffusers: a folder; --to ldm: a .safetensors file")
+    parser.add_argument("--to", required=True, choices=("diffusers", "ldm"), help="key layout to write")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="stored dtype (default: that of the input)")
+    _add_allow_pickle(parser)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if args.to == "ldm" and (output.suffix != ".safetensors" or output.is_dir()):
+        raise UsageError(f"--to ldm writes one file; OUT must be a .safetensors file path, got {output}")
+    if args.to == "diffusers" and output.exists() and not output.is_dir():
+        raise UsageError(f"--to diffusers writes a folder; {output} exists and is a file")
+    vae_file = read_vae(args.input, allow_pickle=args.allow_pickle)
+    source_dtype = next(iter(vae_file.state_dict.values())).dtype
+    model = build_vae(vae_file, dtype=DTYPES[args.dtype] if args.dtype else source_dtype)
+    written = save_ldm(model, output) if args.to == "ldm" else save_diffusers(model, output)
+    print(f"wrote {written} ({args.to} layout, {model.dtype}) from {vae_file.file_format} {vae_file.path}")
+    return 0
+
+
+# ----- reconstruct -----
+
+
+def _configure_reconstruct(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="VAE folder or weights file")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="images to encode and decode")
+    parser.add_argument("--out", required=True, help="folder for the reconstructions (PNG)")
+    parser.add_argument("--tile", action="store_true", help="tiled encode/decode (large images, less memory)")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        help="resize the shortest side to N (bicubic) and center-crop NxN; default: native size",
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device"
+    )
+    _add_allow_pickle(parser)
+
+
+def prepare_image(path: str | Path, resolution: int | None) -> np.ndarray:
+    """Read an image as RGB uint8 `[H, W, 3]`; with `resolution`, resize its shorter side to it (PIL bicubic) and
+    center-crop a square, as the evaluation protocol does."""
+    image = load_rgb(path)
+    if resolution is not None:
+        image = resize_shorter_side(image, resolution)
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    return np.array(image)  # a writable copy, as torch.from_numpy wants
+
+
+@torch.inference_mode()
+def reconstruct_image(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
+    """Encode to the posterior mode and decode; uint8 `[H, W, 3]` in and out, any size.
+
+    The image is reflection-padded at the bottom/right to a multiple of the downsampling factor and the
+    reconstruction is cropped back, so the output has the input's size.
+    """
+    h, w, _ = image.shape
+    f = model.downsampling_factor
+    padded = np.pad(image, ((0, -h % f), (0, -w % f), (0, 0)), mode="reflect")
+    pixels = torch.from_numpy(padded).permute(2, 0, 1)[None]  # [1, 3, H', W'] uint8
+    x = pixels.to(model.device, model.dtype) / 127.5 - 1  # [0, 255] -> [-1, 1]
+    y = model.decode(model.encode(x).latent_dist.mode()).sample[:, :, :h, :w]
+    return to_uint8(y)[0].to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def _run_reconstruct(args: argparse.Namespace) -> int:
+    if args.resolution is not None and args.resolution <= 0:
+        raise UsageError(f"--resolution must be positive, got {args.resolution}")
+    model = load_vae(args.path, allow_pickle=args.allow_pickle, device=args.device)
+    if args.tile:
+        model.enable_tiling()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    scores = []
+    for source in args.images:
+        original = prepare_image(source, args.resolution)
+        restored = reconstruct_image(model, original)
+        stem, k = Path(source).stem, 1
+        while (name := f"{stem}.png" if k == 1 else f"{stem}-{k}.png") in used:  # same stem, other folders
+            k += 1
+        used.add(name)
+        Image.fromarray(restored).save(out_dir / name)
+        as_batch = [torch.from_numpy(a).permute(2, 0, 1)[None] for a in (original, restored)]
+        score = psnr(*as_batch).item()  # on uint8 values, MAX 255; identical images give inf
+        scores.append(score)
+        print(f"{source}: PSNR {score:.2f} dB -> {out_dir / name}")
+    print(f"mean PSNR over {len(scores)} image(s): {np.mean(scores):.2f} dB")
+    return 0
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "info": Subcommand("show the format, architecture and size of a VAE file", _configure_info, _run_info),
+    "convert": Subcommand(
+        "convert a VAE between the diffusers and original-SD (ldm) layouts", _configure_convert, _run_convert
+    ),
+    "reconstruct": Subcommand(
+        "encode and decode images, write the reconstructions and print PSNR",
+        _configure_reconstruct,
+        _run_reconstruct,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser with one subparser per entry of `SUBCOMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="latentvae", description="Stable-Diffusion-style image autoencoders."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.configure(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 success, 2 usage or expected failure)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except EXPECTED_ERRORS as err:
+        print(f"latentvae {args.command}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,187 @@
+"""The training configuration: one typed dataclass, named recipes, and the command line built from both.
+
+Every field is a flag (`--snake_case` or `--kebab-case`); its docstring in `metadata["help"]` is the `--help` text.
+Flag names follow the diffusers AutoencoderKL training example where one exists, so its users can switch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # -- model --
+    pretrained_model_name_or_path: str | None = _f(
+        None, "Start from this VAE (any path latentvae.load_vae reads: diffusers folder, .safetensors, SD checkpoint).",
+        aliases=("--init_from",),
+    )  # fmt: skip
+    model_preset: str = _f(
+        "sd-kl-f8", "Architecture to build from scratch when no pretrained model is given."
+    )
+    decoder_only: bool = _f(
+        False, "Freeze the encoder (and quant_conv): fine-tune the decoder only, as Stability did."
+    )
+    ema_decay: float = _f(0.0, "Keep an exponential moving average of the weights with this decay (0 = off).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    channels_last: bool = _f(
+        False, "Use the channels_last memory format (faster convolutions on recent GPUs)."
+    )
+    compile: bool = _f(False, "torch.compile the autoencoder.")
+    allow_pickle: bool = _f(
+        False, "Allow loading a pickle (.ckpt/.pt/.bin) pretrained model: only for files you trust."
+    )
+    # -- data --
+    train_data_dir: str | None = _f(None, "Folder of training images (searched recursively).")
+    dataset_name: str | None = _f(None, "A Hugging Face dataset name or local path (datasets library).")
+    image_column: str = _f("image", "Column of --dataset_name that holds the images.")
+    val_data_dir: str | None = _f(
+        None, "Folder of validation images; default: a fixed held-out slice of the training set."
+    )
+    resolution: int = _f(256, "Training crop size in pixels (short side resized to this, then cropped).")
+    dataloader_num_workers: int = _f(4, "Data loader worker processes per training process.")
+    # -- optimisation --
+    train_batch_size: int = _f(12, "Images per process per step.")
+    max_train_steps: int | None = _f(None, "Total optimizer steps; overrides --num_train_epochs when given.")
+    num_train_epochs: int = _f(100, "Epochs to train when --max_train_steps is not given.")
+    gradient_accumulation_steps: int = _f(1, "Batches accumulated per optimizer step.")
+    learning_rate: float = _f(4.5e-6, "Learning rate (per image when --scale_lr, as in latent-diffusion).")
+    scale_lr: bool = _f(True, "Multiply the learning rate by batch size x processes x accumulation steps.")
+    lr_scheduler: str = _f(
+        "constant", "Scheduler: constant, constant_with_warmup, linear, cosine, ... (diffusers)."
+    )
+    lr_warmup_steps: int = _f(0, "Warm-up steps of the learning-rate schedule.")
+    adam_beta1: float = _f(
+        0.5, "Adam beta1 (latent-diffusion uses 0.5 for the autoencoder and the discriminator)."
+    )
+    adam_beta2: float = _f(0.9, "Adam beta2.")
+    adam_weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon.")
+    max_grad_norm: float = _f(1.0, "Clip gradient norm to this (0 = no clipping).")
+    mixed_precision: str | None = _f(None, "no, fp16 or bf16; default: what `accelerate config` chose.")
+    seed: int = _f(0, "Random seed (model init, data order, augmentation, posterior noise).")
+    # -- losses --
+    recon_loss: str = _f("mse", "Pixel reconstruction loss: mse or l1.", choices=("mse", "l1"))
+    perceptual_weight: float = _f(1.0, "Weight of the LPIPS term (0 = off).")
+    perceptual_net: str = _f(
+        "vgg", "LPIPS backbone for training: vgg (as SD) or alex.", choices=("vgg", "alex")
+    )
+    perceptual_fallback: bool = _f(
+        False, "If LPIPS backbone weights are missing offline, warn and train without the perceptual term."
+    )
+    perceptual_random_backbone: bool = _f(
+        False,
+        "Use a randomly initialised LPIPS backbone: for testing the code path only, the distances are meaningless.",
+    )
+    kl_weight: float = _f(
+        1e-6, "Weight of the KL term (summed over latent elements, as in latent-diffusion)."
+    )
+    learn_logvar: bool = _f(
+        False, "Learn a scalar output log-variance: nll = rec / exp(logvar) + logvar (LDM)."
+    )
+    disc_start: int = _f(50001, "Step at which the PatchGAN discriminator joins.")
+    disc_weight: float = _f(0.5, "Weight of the adversarial term (times the adaptive weight).")
+    disc_learning_rate: float | None = _f(None, "Discriminator learning rate (default: the autoencoder's).")
+    # -- output, logging, checkpoints --
+    output_dir: str = _f("outputs/vae", "Where checkpoints, validation grids, logs and the final VAE go.")
+    report_to: str = _f("tensorboard", "Tracker: tensorboard, wandb, all or none.")
+    tracker_project_name: str = _f("latentvae", "Project name for the tracker.")
+    logging_steps: int = _f(10, "Log losses every N steps.")
+    validation_steps: int = _f(1000, "Validate (PSNR, SSIM, image grid) every N steps and at the end.")
+    num_validation_images: int = _f(16, "Validation images used (and held out when no --val_data_dir).")
+    checkpointing_steps: int = _f(2000, "Save a resumable checkpoint every N steps.")
+    checkpoints_total_limit: int | None = _f(3, "Keep at most this many checkpoints (oldest removed).")
+    resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder to resume from.")
+    scaling_factor_images: int = _f(
+        512, "Training images used to measure the latent scaling factor at the end."
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Named recipes: overrides of the defaults above (which are the SD kl-f8 recipe itself).
+RECIPES: dict[str, dict[str, Any]] = {
+    "sd-kl-f8": {},
+    "sd-ft-mse": dict(
+        decoder_only=True, perceptual_weight=0.1, ema_decay=0.9999, learning_rate=1e-4, scale_lr=False
+    ),
+    "quickstart": dict(
+        model_preset="tiny-kl-f8",
+        resolution=64,
+        train_batch_size=8,
+        max_train_steps=300,
+        learning_rate=1e-3,
+        scale_lr=False,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        lr_scheduler="cosine",
+        lr_warmup_steps=20,
+        perceptual_weight=0.1,
+        perceptual_fallback=True,
+        dataloader_num_workers=0,
+        validation_steps=100,
+        num_validation_images=8,
+        checkpointing_steps=100,
+        scaling_factor_images=64,
+        output_dir="outputs/quickstart",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a KL autoencoder (SD-style VAE) with Accelerate: `accelerate launch training/train.py`. "
+        "Defaults shown are the sd-kl-f8 recipe; --preset changes them, flags given here win.",
+    )
+    parser.add_argument(
+        "--preset", default="sd-kl-f8", choices=sorted(RECIPES), help="Named recipe of defaults."
+    )
+    parser.add_argument("--config", default=None, help="JSON file of field values (flags given here win).")
+    for f in fields(TrainConfig):
+        names = [f"--{f.name}", f"--{f.name.replace('_', '-')}"] + list(f.metadata.get("aliases", ()))
+        names = list(dict.fromkeys(names))
+        help = f"{f.metadata['help']} (default: {f.default})"
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "bool":
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help)
+            continue
+        convert = float if "float" in kind else int if "int" in kind else str
+        parser.add_argument(
+            *names, dest=f.name, type=_optional(convert), choices=f.metadata.get("choices"), help=help
+        )
+    parser.set_defaults(**{f.name: None for f in fields(TrainConfig)})
+    return parser
+
+
+def _optional(convert):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
+    """Defaults < recipe (`--preset`) < `--config` JSON < flags. Returns the config and the explicitly set names."""
+    args = build_parser().parse_args(argv)
+    values = dict(RECIPES[args.preset])
+    if args.config:
+        with open(args.config) as handle:
+            values.update(json.load(handle))
+    explicit = {
+        name for name, value in vars(args).items() if value is not None and name not in ("preset", "config")
+    }
+    values.update({name: getattr(args, name) for name in explicit})
+    unknown = set(values) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise SystemExit(f"unknown config fields {sorted(unknown)} (from --config {args.config})")
+    return TrainConfig(**values), explicit

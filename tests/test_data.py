@@ -1,0 +1,506 @@
+"""Data pipeline: decoding odd and broken images, finding files, the crop dataset, splits and data sources.
+
+Every image is built here, in tmp_path, with PIL / numpy / tifffile or by hand-writing PNG bytes; expected
+pixels come from the formats' definitions (EXIF orientation table, CMYK and alpha formulas), not from the code.
+"""
+
+import logging
+import os
+import resource
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentvae.data import (
+    ImageData,
+    ImageDataset,
+    collate_images,
+    embedded_images,
+    find_images,
+    load_hf_images,
+    load_image_data,
+    split_train_val,
+    validate_images,
+)
+from latentvae.images import BadImageError, ImageBytes, SkipLog, load_rgb, probe_image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture
+def permissions_enforced(tmp_path):
+    """Skip where a mode-0 file stays readable (root with CAP_DAC_OVERRIDE, some file systems)."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x")
+    probe.chmod(0)
+    try:
+        probe.read_bytes()
+    except PermissionError:
+        return
+    finally:
+        probe.unlink()
+    pytest.skip("permissions are not enforced for this user")
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _handmade_png(width: int, height: int, bit_depth: int, color_type: int, rows: bytes = b"") -> bytes:
+    """A PNG written from the specification, independent of PIL (colour type 2 = RGB, 0 = gray)."""
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _random_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _save_rgb(path: Path, height: int = 24, width: int = 32, seed: int = 0) -> np.ndarray:
+    pixels = _random_rgb(height, width, seed)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+# ---------------------------------------------------------------- decoding to 8-bit RGB
+
+
+def test_gray_and_bilevel_become_equal_channels(tmp_path):
+    gray = np.arange(0, 256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    Image.fromarray(gray >= 128).save(tmp_path / "bilevel.png")  # mode "1"
+    rgb = np.asarray(load_rgb(tmp_path / "gray.png"))
+    assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
+    assert (rgb == gray[..., None]).all()
+    bilevel = np.asarray(load_rgb(tmp_path / "bilevel.png"))
+    assert (bilevel == np.where(gray >= 128, 255, 0)[..., None]).all()
+
+
+def test_rgba_and_la_composited_on_white(tmp_path):
+    colour = np.array([200, 40, 10])
+    rgba = np.zeros((3, 4, 4), dtype=np.uint8)
+    rgba[..., :3] = colour
+    rgba[0, :, 3], rgba[1, :, 3], rgba[2, :, 3] = 0, 128, 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    out = np.asarray(load_rgb(tmp_path / "rgba.png")).astype(float)
+    assert (out[0] == 255).all()  # fully transparent -> the white background, not the stored colour
+    assert np.abs(out[1] - (colour * 128 / 255 + 255 * (1 - 128 / 255))).max() <= 1  # alpha blend
+    assert (out[2] == colour).all()
+
+    la = np.stack([np.full((2, 2), 30, np.uint8), np.array([[0, 255], [0, 255]], np.uint8)], -1)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    out = np.asarray(load_rgb(tmp_path / "la.png"))
+    assert (out[:, 0] == 255).all() and (out[:, 1] == 30).all()
+
+
+def test_palette_with_transparent_index_is_white(tmp_path):
+    image = Image.new("P", (4, 2))
+    image.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    image.putdata([0, 1, 0, 1, 1, 1, 0, 0])
+    image.save(tmp_path / "palette.png", transparency=0)
+    out = np.asarray(load_rgb(tmp_path / "palette.png"))
+    index = np.array([[0, 1, 0, 1], [1, 1, 0, 0]])
+    assert (out[index == 0] == 255).all()
+    assert (out[index == 1] == [10, 200, 30]).all()
+
+
+def test_cmyk_jpeg_converted_to_rgb(tmp_path):
+    inks = [(255, 0, 0, 0), (0, 255, 0, 0), (0, 0, 255, 0), (0, 0, 0, 0), (0, 0, 0, 255), (0, 0, 0, 128)]
+    cmyk = np.concatenate([np.full((32, 32, 4), ink, np.uint8) for ink in inks], axis=1)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    out = np.asarray(load_rgb(tmp_path / "cmyk.jpg")).astype(float)
+    for i, (c, m, y, k) in enumerate(inks):
+        # naive CMYK -> RGB: R = 255 (1 - C)(1 - K), and likewise G from M, B from Y
+        expected = [255 * (1 - ink / 255) * (1 - k / 255) for ink in (c, m, y)]
+        block = out[8:24, 32 * i + 8 : 32 * i + 24]  # away from the JPEG block edges between patches
+        assert np.abs(block.mean(axis=(0, 1)) - expected).max() < 8, (i, block.mean(axis=(0, 1)), expected)
+
+
+def test_16bit_gray_png_rescaled_not_clipped(tmp_path):
+    values = np.linspace(0, 65535, 1024).round().astype(np.uint16).reshape(1, -1)
+    Image.fromarray(values).save(tmp_path / "gray16.png")  # PIL writes mode I;16 as a 16-bit PNG
+    out = np.asarray(load_rgb(tmp_path / "gray16.png"))[0, :, 0].astype(int)
+    assert out.min() == 0 and out.max() == 255
+    assert (np.diff(out) >= 0).all()  # monotone
+    assert len(np.unique(out)) == 256  # the full 8-bit range is used, not clipped to a few values
+    assert np.abs(out - values[0] / 257).max() <= 0.5 + 1e-9  # v * 255 / 65535, rounded
+
+
+def test_16bit_rgb_png_and_tiffs(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    ramp = np.linspace(0, 65535, 64).round().astype(np.uint16)
+    rgb16 = np.stack([ramp, ramp[::-1], np.full_like(ramp, 32896)], -1)[None]  # 1 x 64 x 3
+    rows = b"\x00" + rgb16.astype(">u2").tobytes()  # filter byte 0, big-endian samples
+    (tmp_path / "rgb16.png").write_bytes(_handmade_png(64, 1, 16, 2, rows))
+    tifffile.imwrite(tmp_path / "rgb16.tif", rgb16)
+    tifffile.imwrite(tmp_path / "gray16.tif", ramp[None])
+    tifffile.imwrite(tmp_path / "float.tif", (ramp[None] / 65535).astype(np.float32))
+    for name in ("rgb16.png", "rgb16.tif"):
+        out = np.asarray(load_rgb(tmp_path / name)).astype(float)
+        assert np.abs(out - rgb16 / 257).max() <= 1.0, name  # high byte or rounded v / 257: within 1
+    for name in ("gray16.tif", "float.tif"):
+        out = np.asarray(load_rgb(tmp_path / name))[0, :, 0].astype(float)
+        assert np.abs(out - ramp / 257).max() <= 1.0, name
+
+
+# EXIF orientation (TIFF 6.0 / EXIF 2.3): where the stored top-left and top-right pixels end up when displayed.
+_ORIENTATION = {
+    1: ("TL", "TR"),
+    2: ("TR", "TL"),
+    3: ("BR", "BL"),
+    4: ("BL", "BR"),
+    5: ("TL", "BL"),
+    6: ("TR", "BR"),
+    7: ("BR", "TR"),
+    8: ("BL", "TL"),
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(_ORIENTATION))
+def test_exif_orientation_applied(tmp_path, orientation):
+    stored = np.full((32, 64, 3), 128, np.uint8)  # 64 wide, 32 high
+    stored[:8, :8] = (255, 0, 0)  # top-left: red
+    stored[:8, -8:] = (0, 0, 255)  # top-right: blue
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    out = np.asarray(load_rgb(tmp_path / "photo.jpg")).astype(int)
+    assert out.shape == ((32, 64, 3) if orientation <= 4 else (64, 32, 3))
+    corners = {"TL": out[2, 2], "TR": out[2, -3], "BL": out[-3, 2], "BR": out[-3, -3]}
+    red_at, blue_at = _ORIENTATION[orientation]
+    assert corners[red_at][0] > 200 and corners[red_at][2] < 60
+    assert corners[blue_at][2] > 200 and corners[blue_at][0] < 60
+
+
+def test_bytes_source_decodes_like_a_file(tmp_path):
+    pixels = _save_rgb(tmp_path / "a.png")
+    out = load_rgb(ImageBytes("row[0]", (tmp_path / "a.png").read_bytes()))
+    assert (np.asarray(out) == pixels).all()
+
+
+# ---------------------------------------------------------------- broken files
+
+
+def _write_broken(folder: Path) -> dict[str, str]:
+    """One file per kind of breakage; returns {file name: expected reason}."""
+    _save_rgb(folder / "source.jpg", 64, 64, seed=1)
+    _save_rgb(folder / "source.png", 64, 64, seed=2)
+    jpeg, png = (folder / "source.jpg").read_bytes(), (folder / "source.png").read_bytes()
+    (folder / "source.jpg").unlink()
+    (folder / "source.png").unlink()
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("this is text, not a picture\n")
+    (folder / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "cut.png").write_bytes(png[: len(png) // 2])
+    (folder / "bomb.png").write_bytes(_handmade_png(60000, 60000, 8, 2, b"\x00" * 100))
+    return {
+        "empty.png": "empty",
+        "notes.png": "not_an_image",
+        "cut.jpg": "truncated",
+        "cut.png": "truncated",
+        "bomb.png": "too_large",
+    }
+
+
+def test_each_broken_file_raises_with_its_reason(tmp_path):
+    for name, reason in _write_broken(tmp_path).items():
+        with pytest.raises(BadImageError) as caught:
+            load_rgb(tmp_path / name)
+        assert caught.value.reason == reason and caught.value.name == str(tmp_path / name)
+        assert name in str(caught.value)
+    with pytest.raises(BadImageError, match="missing"):
+        load_rgb(tmp_path / "gone.png")
+    with pytest.raises(BadImageError, match="empty"):
+        load_rgb(ImageBytes("row[3]", b""))
+
+
+def test_decompression_bomb_rejected_without_allocating(tmp_path, monkeypatch):
+    (tmp_path / "bomb.png").write_bytes(_handmade_png(60000, 60000, 8, 2, b"\x00" * 100))  # 10.8 GB as RGB
+    before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for check in (probe_image, load_rgb):
+        with pytest.raises(BadImageError) as caught:
+            check(tmp_path / "bomb.png")
+        assert caught.value.reason == "too_large"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib < 200 * 1024  # < 200 MiB
+
+    # Between 1x and 2x the limit PIL only warns; that is refused as well.
+    (tmp_path / "big.png").write_bytes(_handmade_png(10000, 10000, 8, 0, b"\x00" * 100))
+    assert 10000 * 10000 > Image.MAX_IMAGE_PIXELS
+    with pytest.raises(BadImageError, match="too large"):
+        probe_image(tmp_path / "big.png")
+    # The limit is PIL's own setting, so users can raise or lower it.
+    _save_rgb(tmp_path / "small.png", 24, 32)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 24 * 32 - 1)
+    with pytest.raises(BadImageError, match="too large"):
+        load_rgb(tmp_path / "small.png")
+
+
+def test_unreadable_file_reported(tmp_path, permissions_enforced):
+    _save_rgb(tmp_path / "locked.png")
+    (tmp_path / "locked.png").chmod(0)
+    with pytest.raises(BadImageError) as caught:
+        load_rgb(tmp_path / "locked.png")
+    assert caught.value.reason == "unreadable"
+
+
+def test_broken_files_skipped_counted_and_warned_once(tmp_path, caplog):
+    expected = _write_broken(tmp_path)
+    good = {f"good{i}.png": _save_rgb(tmp_path / f"good{i}.png", 16, 16, seed=10 + i) for i in range(3)}
+    data = load_image_data(train_data_dir=tmp_path, val_count=0)
+    # The header scan catches all but the truncated JPEG, whose header is intact.
+    assert {Path(name).name: reason for name, reason in data.skip_log.reasons.items()} == {
+        name: reason for name, reason in expected.items() if name != "cut.jpg"
+    }
+    assert sorted(Path(p).name for p in data.train) == sorted(["cut.jpg", *good])
+
+    caplog.clear()
+    dataset = ImageDataset(data.train, 16, train=False, skip_log=data.skip_log)
+    with caplog.at_level(logging.WARNING, logger="latentvae"):
+        samples = [dataset[i] for i in range(len(dataset))] + [dataset[0]]  # a second epoch's worth
+    assert all(Path(sample["path"]).name in good for sample in samples)
+    assert samples[0]["skipped"] == ((str(tmp_path / "cut.jpg"), "truncated"),)  # cut.jpg sorts first
+    assert sum("cut.jpg" in record.getMessage() for record in caplog.records) == 1
+    assert samples[-1]["skipped"] == ()  # known now: passed over silently, same replacement image
+    assert samples[-1]["path"] == samples[0]["path"]
+    assert data.skip_log.counts() == {"truncated": 2, "empty": 1, "not_an_image": 1, "too_large": 1}
+    assert data.skip_log.summary().startswith("5 images skipped (2 truncated")
+
+
+def test_skips_reach_the_main_process_from_workers(tmp_path):
+    for i in range(4):
+        _save_rgb(tmp_path / f"good{i}.png", 16, 16, seed=i)
+    _save_rgb(tmp_path / "x.jpg", 64, 64)
+    jpeg = (tmp_path / "x.jpg").read_bytes()
+    (tmp_path / "x.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    files, bad = validate_images(find_images(tmp_path))
+    assert bad == {} and len(files) == 5
+    dataset = ImageDataset(files, 8, train=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, num_workers=2, collate_fn=collate_images)
+    main_log = SkipLog()
+    for batch in loader:
+        assert batch["pixel_values"].shape == (5, 3, 8, 8)  # the broken file was replaced, batch full
+        main_log.merge(batch["skipped"])
+    assert main_log.reasons == {str(tmp_path / "x.jpg"): "truncated"}
+    assert len(dataset.skip_log) == 0  # the main process's copy never decoded anything
+
+
+def test_no_usable_image_is_a_clear_error(tmp_path):
+    (tmp_path / "a.png").write_text("not an image")
+    (tmp_path / "readme.txt").write_text("hello")
+    with pytest.raises(ValueError, match=f"No usable image in folder {tmp_path}"):
+        load_image_data(train_data_dir=tmp_path)
+    (tmp_path / "a.png").unlink()
+    with pytest.raises(ValueError, match="0 image files found"):
+        load_image_data(train_data_dir=tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_image_data(train_data_dir=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="not both"):
+        load_image_data(train_data_dir=tmp_path, dataset_name="x")
+
+
+# ---------------------------------------------------------------- finding files
+
+
+def test_find_images_recursive_sorted_case_insensitive(tmp_path):
+    for relative in ["b.PNG", "a/z.jpg", "a/b/c.JpEg", "a/b/d.webp", "c.bmp", "d.TIFF", "e.tif", "a.png"]:
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("skip me")
+    (tmp_path / "folder.png").mkdir()  # a folder with an image-like name is walked, not listed
+    found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
+    assert found == ["a/b/c.JpEg", "a/b/d.webp", "a/z.jpg", "a.png", "b.PNG", "c.bmp", "d.TIFF", "e.tif"]
+
+
+def test_find_images_follows_links_and_ends_on_loops(tmp_path):
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "data" / "sub" / "x.png").write_bytes(b"x")
+    (tmp_path / "elsewhere" / "y.png").write_bytes(b"x")
+    (tmp_path / "data" / "sub" / "loop").symlink_to(tmp_path / "data")  # a cycle
+    (tmp_path / "data" / "self").symlink_to(".")  # another cycle
+    (tmp_path / "data" / "linked").symlink_to(tmp_path / "elsewhere")  # a linked folder: followed
+    found = [p.relative_to(tmp_path / "data").as_posix() for p in find_images(tmp_path / "data")]
+    assert found == ["linked/y.png", "sub/x.png"]
+
+
+def test_unreadable_folder_skipped_with_warning(tmp_path, caplog, permissions_enforced):
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "a.png").write_bytes(b"x")
+    (tmp_path / "b.png").write_bytes(b"x")
+    (tmp_path / "locked").chmod(0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="latentvae"):
+            assert find_images(tmp_path) == [tmp_path / "b.png"]
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert "locked" in caplog.text
+
+
+# ---------------------------------------------------------------- the crop dataset
+
+
+def test_output_shape_range_and_exact_center_crop(tmp_path):
+    pixels = _save_rgb(tmp_path / "a.png", 48, 32)  # shorter side already 32: no resampling
+    sample = ImageDataset([tmp_path / "a.png"], 32, train=False)[0]
+    values = sample["pixel_values"]
+    assert values.shape == (3, 32, 32) and values.dtype == torch.float32
+    assert values.min() >= -1 and values.max() <= 1
+    expected = torch.from_numpy(pixels[8:40].astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+    torch.testing.assert_close(values, expected, rtol=0, atol=1e-6)
+    assert sample["path"] == str(tmp_path / "a.png")
+
+
+def test_small_images_enlarged_to_the_crop(tmp_path):
+    Image.new("RGB", (6, 4), (255, 0, 51)).save(tmp_path / "tiny.png")
+    gradient = np.tile(np.linspace(0, 255, 5).astype(np.uint8)[None, :, None], (3, 1, 3))
+    Image.fromarray(gradient).save(tmp_path / "ramp.png")  # 5 wide, 3 high
+    dataset = ImageDataset([tmp_path / "tiny.png", tmp_path / "ramp.png"], 24, train=False)
+    flat = dataset[0]["pixel_values"]
+    assert flat.shape == (3, 24, 24)
+    torch.testing.assert_close(flat, torch.tensor([1.0, -1.0, -0.6]).view(3, 1, 1).expand(3, 24, 24))
+    ramp = dataset[1]["pixel_values"]
+    assert ramp.shape == (3, 24, 24)
+    assert (ramp[:, :, 1:] - ramp[:, :, :-1] >= -1e-6).all()  # still increasing left to right after resizing
+
+
+def test_downscaling_is_antialiased(tmp_path):
+    checker = ((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)  # 1-pixel checkerboard
+    Image.fromarray(checker).save(tmp_path / "checker.png")
+    values = ImageDataset([tmp_path / "checker.png"], 16, train=False)[0]["pixel_values"]
+    # Averaging the checkerboard gives mid-gray (0 in [-1, 1]); point sampling would give only -1 or +1.
+    assert values.abs().max() < 0.1
+
+
+def test_train_crops_reproducible_valid_and_flipped(tmp_path):
+    pixels = _save_rgb(tmp_path / "a.png", 20, 30)
+    dataset = ImageDataset([tmp_path / "a.png"], 12, train=True)
+    resized = np.asarray(Image.fromarray(pixels).resize((18, 12), Image.Resampling.BICUBIC))
+    windows = {}
+    for left in range(18 - 12 + 1):
+        window = resized[:, left : left + 12]
+        windows[(left, False)], windows[(left, True)] = window, window[:, ::-1]
+
+    torch.manual_seed(0)
+    first = [dataset[0]["pixel_values"] for _ in range(30)]
+    torch.manual_seed(0)
+    again = [dataset[0]["pixel_values"] for _ in range(30)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    seen = set()
+    for values in first:
+        as_uint8 = ((values.permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+        matches = [key for key, window in windows.items() if (window == as_uint8).all()]
+        assert len(matches) >= 1  # every crop is a window (maybe mirrored) of the resized image
+        seen.update(matches)
+    assert {flip for _, flip in seen} == {False, True}
+    assert len({left for left, _ in seen}) > 1
+
+
+def test_validation_crop_is_deterministic(tmp_path):
+    _save_rgb(tmp_path / "a.png", 40, 70)
+    dataset = ImageDataset([tmp_path / "a.png"], 16, train=False)
+    torch.manual_seed(1)
+    first = dataset[0]["pixel_values"]
+    torch.manual_seed(2)
+    assert torch.equal(first, dataset[0]["pixel_values"])
+
+
+# ---------------------------------------------------------------- splits and sources
+
+
+def test_split_is_fixed_disjoint_and_seeded():
+    files = [Path(f"img{i:03d}.png") for i in range(50)]
+    train, val = split_train_val(files, val_count=5, seed=0)
+    assert (
+        len(val) == 5
+        and len(train) == 45
+        and set(train).isdisjoint(val)
+        and set(train) | set(val) == set(files)
+    )
+    assert train == sorted(train) and val == sorted(val)
+    assert split_train_val(files, val_count=5, seed=0) == (train, val)
+    assert split_train_val(files, val_count=5, seed=1)[1] != val
+    assert len(split_train_val(files, val_fraction=0.1)[1]) == 5
+    assert split_train_val(files, val_count=0) == (files, [])
+    with pytest.raises(ValueError, match="still train"):
+        split_train_val(files, val_count=50)
+    with pytest.raises(ValueError, match="exactly one"):
+        split_train_val(files)
+
+
+def test_embedded_photographs_load_offline():
+    paths = embedded_images()
+    assert len(paths) >= 10
+    for path in paths:
+        assert load_rgb(path).mode == "RGB"
+    data = load_image_data(seed=0)
+    assert data.embedded and "scikit-image" in data.description and "--train_data_dir" in data.description
+    assert len(data.train) + len(data.val) == len(paths) and len(data.val) >= 1
+    assert set(data.val_names).isdisjoint(map(str, data.train))
+
+
+def test_separate_validation_folder(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    for i in range(3):
+        _save_rgb(tmp_path / "train" / f"{i}.png")
+    _save_rgb(tmp_path / "val" / "v.png")
+    data = load_image_data(train_data_dir=tmp_path / "train", val_data_dir=tmp_path / "val")
+    assert isinstance(data, ImageData) and len(data.train) == 3
+    assert data.val_names == [str(tmp_path / "val" / "v.png")]
+
+
+def _hf_dataset(tmp_path: Path, images: list):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"picture": datasets.Image(), "label": datasets.Value("int64")})
+    table = datasets.Dataset.from_dict(
+        {"picture": images, "label": list(range(len(images)))}, features=features
+    )
+    table.save_to_disk(str(tmp_path / "saved"))
+    return str(tmp_path / "saved")
+
+
+def test_hf_dataset_from_disk_with_a_broken_row(tmp_path):
+    pictures = [_random_rgb(16 + i, 20, seed=i) for i in range(5)]
+    broken = {"bytes": b"definitely not an image", "path": None}
+    saved = _hf_dataset(tmp_path, [Image.fromarray(p) for p in pictures[:3]] + [broken] + pictures[3:])
+    data = load_image_data(dataset_name=saved, image_column="picture", val_count=2)
+    assert data.skip_log.reasons == {f"{saved}[3]": "not_an_image"}
+    assert len(data.train) == 3 and len(data.val) == 2
+    assert all(name.startswith(f"{saved}[") for name in data.val_names)
+    # Every row decodes to its own pixels, whatever the split.
+    for source in [*data.train, *data.val]:
+        row = int(source.name.rsplit("[", 1)[1].rstrip("]"))
+        original = pictures[row if row < 3 else row - 1]
+        assert (np.asarray(load_rgb(source)) == original).all()
+    sample = ImageDataset(data.train, 16, train=False)[0]
+    assert sample["pixel_values"].shape == (3, 16, 16)
+
+
+def test_hf_missing_column_lists_the_columns(tmp_path):
+    saved = _hf_dataset(tmp_path, [Image.fromarray(_random_rgb(8, 8))])
+    with pytest.raises(ValueError, match=r"no column 'image'.*\['picture', 'label'\].*--image_column"):
+        load_hf_images(saved)
+    with pytest.raises(ValueError, match="not images"):
+        load_hf_images(saved, image_column="label")
+
+
+def test_hf_imagefolder_offline(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "pics" / "cats").mkdir(parents=True)
+    first = _save_rgb(tmp_path / "pics" / "cats" / "a.png", 12, 12, seed=3)
+    _save_rgb(tmp_path / "pics" / "b.jpg", 12, 12, seed=4)
+    column = load_hf_images(str(tmp_path / "pics"), cache_dir=str(tmp_path / "cache"))
+    assert len(column) == 2
+    by_name = {Path(source).name: source for source in column}
+    assert (np.asarray(load_rgb(by_name["a.png"])) == first).all()
