@@ -244,8 +244,8 @@ class SkipLog:
 class ImageDataset(torch.utils.data.Dataset):
     """Square crops of images, as tensors in [-1, 1].
 
-    Each image is resized so its shorter side is `resolution` (bicubic, antialiased; small images are
-    enlarged), then cropped to `resolution` x `resolution`: at a random position and flipped left-right with
+    Each image is resized so its shorter side is `resize_to` (default `resolution`; bicubic, antialiased; small
+    images are enlarged), then cropped to `resolution` x `resolution`: at a random position and flipped left-right with
     probability 1/2 for training, at the center for validation. Randomness comes from torch's global RNG, so
     `torch.manual_seed`, DataLoader worker seeding and Accelerate's RNG checkpoints all cover it.
 
@@ -256,6 +256,8 @@ class ImageDataset(torch.utils.data.Dataset):
     Args:
         sources: Paths, `ImageBytes`, or an `HFImageColumn` (e.g. `ImageData.train`).
         resolution: Side of the square crops, in pixels.
+        resize_to: Shorter side before cropping (>= resolution); larger values train on detail crops rather than
+            whole-image thumbnails. Default: `resolution`.
         train: Random crop and flip (True) or center crop (False).
         skip_log: Where decoding failures are recorded (e.g. `ImageData.skip_log`); a new log by default.
 
@@ -270,9 +272,13 @@ class ImageDataset(torch.utils.data.Dataset):
         resolution: int,
         train: bool = True,
         skip_log: SkipLog | None = None,
+        resize_to: int | None = None,
     ) -> None:
         if resolution < 1:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}.")
+        if resize_to is not None and resize_to < resolution:
+            raise ValueError(f"resize_to ({resize_to}) must be at least the crop resolution ({resolution}).")
+        self.resize_to = resolution if resize_to is None else resize_to
         self.sources = sources
         self.resolution = resolution
         self.train = train
@@ -302,7 +308,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def crop(self, image: Image.Image) -> torch.Tensor:
         """Resize, crop (and for training flip) one RGB image; returns (3, resolution, resolution) in [-1, 1]."""
         size = self.resolution
-        image = resize_shorter_side(image, size)
+        image = resize_shorter_side(image, self.resize_to)
         width, height = image.size
         if self.train:
             left = int(torch.randint(0, width - size + 1, ()).item())

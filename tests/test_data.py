@@ -504,3 +504,19 @@ def test_hf_imagefolder_offline(tmp_path):
     assert len(column) == 2
     by_name = {Path(source).name: source for source in column}
     assert (np.asarray(load_rgb(by_name["a.png"])) == first).all()
+
+
+def test_resize_to_crops_detail_instead_of_the_whole_image(tmp_path):
+    """With resize_to = 2 x resolution the crop covers half the (resized) image: a center crop of a left-to-right
+    ramp then spans the middle half of the ramp's range instead of all of it."""
+    ramp = np.tile(np.linspace(0, 255, 128, dtype=np.float64), (128, 1)).round().astype(np.uint8)
+    path = tmp_path / "ramp.png"
+    Image.fromarray(np.stack([ramp] * 3, axis=-1)).save(path)
+    whole = ImageDataset([path], resolution=32, train=False)[0]["pixel_values"]
+    detail = ImageDataset([path], resolution=32, train=False, resize_to=64)[0]["pixel_values"]
+    whole_span = whole[0, 0, -1] - whole[0, 0, 0]
+    detail_span = detail[0, 0, -1] - detail[0, 0, 0]
+    assert 1.8 < whole_span < 2.0  # nearly the full [-1, 1] range
+    assert 0.85 < detail_span < 1.05  # about half of it
+    with pytest.raises(ValueError, match="resize_to"):
+        ImageDataset([path], resolution=32, resize_to=16)
