@@ -107,46 +107,43 @@ class AttentionBlock(nn.Module):
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
-class DownEncoderBlock(nn.Module):
-    """One encoder level: `num_layers` residual blocks, then (except at the last level) a 2x downsample."""
+class _Level(nn.Module):
+    """`num_layers` residual blocks, then (except at the last level) a 2x resampling layer.
+
+    The resampler sits in a one-element ModuleList named `downsamplers` or `upsamplers`, as in diffusers' keys.
+    """
+
+    resampler_name: str
+    resampler_class: type[nn.Module]
 
     def __init__(
-        self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str, downsample: bool
+        self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str, resample: bool
     ):
         super().__init__()
         widths = [in_channels] + [out_channels] * num_layers
         self.resnets = nn.ModuleList(
             ResnetBlock(i, o, groups, act_fn) for i, o in zip(widths[:-1], widths[1:])
         )
-        self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if downsample else None
+        resampler = nn.ModuleList([self.resampler_class(out_channels)]) if resample else None
+        setattr(self, self.resampler_name, resampler)
 
     def forward(self, x: Tensor) -> Tensor:
         for resnet in self.resnets:
             x = resnet(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        return x
+        resampler = getattr(self, self.resampler_name)
+        return x if resampler is None else resampler[0](x)
 
 
-class UpDecoderBlock(nn.Module):
-    """One decoder level: `num_layers` residual blocks, then (except at the last level) a 2x upsample."""
+class DownEncoderBlock(_Level):
+    """One encoder level, ending in a 2x downsample."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str, upsample: bool
-    ):
-        super().__init__()
-        widths = [in_channels] + [out_channels] * num_layers
-        self.resnets = nn.ModuleList(
-            ResnetBlock(i, o, groups, act_fn) for i, o in zip(widths[:-1], widths[1:])
-        )
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
+    resampler_name, resampler_class = "downsamplers", Downsample
 
-    def forward(self, x: Tensor) -> Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+
+class UpDecoderBlock(_Level):
+    """One decoder level, ending in a 2x upsample."""
+
+    resampler_name, resampler_class = "upsamplers", Upsample
 
 
 class MidBlock(nn.Module):
@@ -183,7 +180,7 @@ class Encoder(nn.Module):
         widths = [block_out_channels[0], *block_out_channels]
         last = len(block_out_channels) - 1
         self.down_blocks = nn.ModuleList(
-            DownEncoderBlock(widths[i], widths[i + 1], layers_per_block, groups, act_fn, downsample=i < last)
+            DownEncoderBlock(widths[i], widths[i + 1], layers_per_block, groups, act_fn, resample=i < last)
             for i in range(len(block_out_channels))
         )
         self.mid_block = MidBlock(block_out_channels[-1], groups, act_fn, mid_block_add_attention)
@@ -220,7 +217,7 @@ class Decoder(nn.Module):
         last = len(block_out_channels) - 1
         # The decoder has one more resnet per level than the encoder (ldm's num_res_blocks + 1).
         self.up_blocks = nn.ModuleList(
-            UpDecoderBlock(widths[i], widths[i + 1], layers_per_block + 1, groups, act_fn, upsample=i < last)
+            UpDecoderBlock(widths[i], widths[i + 1], layers_per_block + 1, groups, act_fn, resample=i < last)
             for i in range(len(block_out_channels))
         )
         self.conv_norm_out = group_norm(block_out_channels[0], groups)
