@@ -258,6 +258,7 @@ class ImageDataset(torch.utils.data.Dataset):
         resolution: Side of the square crops, in pixels.
         resize_to: Shorter side before cropping (>= resolution); larger values train on detail crops rather than
             whole-image thumbnails. Default: `resolution`.
+        cache: Keep the decoded, resized images in memory (per process and worker): for small datasets.
         train: Random crop and flip (True) or center crop (False).
         skip_log: Where decoding failures are recorded (e.g. `ImageData.skip_log`); a new log by default.
 
@@ -273,12 +274,15 @@ class ImageDataset(torch.utils.data.Dataset):
         train: bool = True,
         skip_log: SkipLog | None = None,
         resize_to: int | None = None,
+        cache: bool = False,
     ) -> None:
         if resolution < 1:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}.")
         if resize_to is not None and resize_to < resolution:
             raise ValueError(f"resize_to ({resize_to}) must be at least the crop resolution ({resolution}).")
         self.resize_to = resolution if resize_to is None else resize_to
+        # Decoded, resized images by name: for small datasets that fit in memory, decoding dominates a step.
+        self.cache: dict[str, Image.Image] | None = {} if cache else None
         self.sources = sources
         self.resolution = resolution
         self.train = train
@@ -295,20 +299,30 @@ class ImageDataset(torch.utils.data.Dataset):
             if name in self.skip_log:  # known broken: do not decode or report it again
                 continue
             try:
-                image = load_rgb(source)
+                image = self._resized(source, name)
             except BadImageError as exc:
                 self.skip_log.record(exc.name, exc.reason)
                 skipped.append((exc.name, exc.reason))
                 continue
-            return {"pixel_values": self.crop(image), "path": name, "skipped": tuple(skipped)}
+            return {"pixel_values": self._crop_resized(image), "path": name, "skipped": tuple(skipped)}
         raise RuntimeError(
             f"None of the {len(self.sources)} images can be decoded: {self.skip_log.summary()}."
         )
 
+    def _resized(self, source: ImageSource, name: str) -> Image.Image:
+        if self.cache is not None and name in self.cache:
+            return self.cache[name]
+        image = resize_shorter_side(load_rgb(source), self.resize_to)
+        if self.cache is not None:
+            self.cache[name] = image
+        return image
+
     def crop(self, image: Image.Image) -> torch.Tensor:
         """Resize, crop (and for training flip) one RGB image; returns (3, resolution, resolution) in [-1, 1]."""
+        return self._crop_resized(resize_shorter_side(image, self.resize_to))
+
+    def _crop_resized(self, image: Image.Image) -> torch.Tensor:
         size = self.resolution
-        image = resize_shorter_side(image, self.resize_to)
         width, height = image.size
         if self.train:
             left = int(torch.randint(0, width - size + 1, ()).item())

@@ -520,3 +520,20 @@ def test_resize_to_crops_detail_instead_of_the_whole_image(tmp_path):
     assert 0.85 < detail_span < 1.05  # about half of it
     with pytest.raises(ValueError, match="resize_to"):
         ImageDataset([path], resolution=32, resize_to=16)
+
+
+def test_cache_keeps_decoded_images_and_gives_the_same_pixels(tmp_path, monkeypatch):
+    import latentvae.images as images_module
+
+    path = tmp_path / "a.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)).save(path)
+    decodes = []
+    real_load_rgb = images_module.load_rgb
+    monkeypatch.setattr(
+        images_module, "load_rgb", lambda source: decodes.append(source) or real_load_rgb(source)
+    )
+    cached = ImageDataset([path], resolution=32, train=False, cache=True)
+    plain = ImageDataset([path], resolution=32, train=False)
+    first, second = cached[0]["pixel_values"], cached[0]["pixel_values"]
+    assert len(decodes) == 1  # decoded once, served from memory the second time
+    assert torch.equal(first, second) and torch.equal(first, plain[0]["pixel_values"])
