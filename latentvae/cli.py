@@ -21,10 +21,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from latentvae.evaluate_cli import configure_parser as _configure_evaluate
+from latentvae.evaluate_cli import run_evaluate as _run_evaluate
+from latentvae.evaluation import prepare_image, reconstruct
 from latentvae.export import save_diffusers, save_ldm
-from latentvae.images import BadImageError, load_rgb, resize_shorter_side
+from latentvae.images import BadImageError
 from latentvae.loading import VAEFileError, build_vae, load_vae, read_vae
-from latentvae.metrics import psnr, to_uint8
+from latentvae.metrics import psnr
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -141,17 +144,6 @@ def _configure_reconstruct(parser: argparse.ArgumentParser) -> None:
     _add_allow_pickle(parser)
 
 
-def prepare_image(path: str | Path, resolution: int | None) -> np.ndarray:
-    """Read an image as RGB uint8 `[H, W, 3]`; with `resolution`, resize its shorter side to it (PIL bicubic) and
-    center-crop a square, as the evaluation protocol does."""
-    image = load_rgb(path)
-    if resolution is not None:
-        image = resize_shorter_side(image, resolution)
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-    return np.array(image)  # a writable copy, as torch.from_numpy wants
-
-
 @torch.inference_mode()
 def reconstruct_image(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
     """Encode to the posterior mode and decode; uint8 `[H, W, 3]` in and out, any size.
@@ -159,13 +151,8 @@ def reconstruct_image(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
     The image is reflection-padded at the bottom/right to a multiple of the downsampling factor and the
     reconstruction is cropped back, so the output has the input's size.
     """
-    h, w, _ = image.shape
-    f = model.downsampling_factor
-    padded = np.pad(image, ((0, -h % f), (0, -w % f), (0, 0)), mode="reflect")
-    pixels = torch.from_numpy(padded).permute(2, 0, 1)[None]  # [1, 3, H', W'] uint8
-    x = pixels.to(model.device, model.dtype) / 127.5 - 1  # [0, 255] -> [-1, 1]
-    y = model.decode(model.encode(x).latent_dist.mode()).sample[:, :, :h, :w]
-    return to_uint8(y)[0].to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    restored, _ = reconstruct(model, torch.from_numpy(image).permute(2, 0, 1)[None])  # HWC -> [1, 3, H, W]
+    return restored[0].to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def _run_reconstruct(args: argparse.Namespace) -> int:
@@ -203,6 +190,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "encode and decode images, write the reconstructions and print PSNR",
         _configure_reconstruct,
         _run_reconstruct,
+    ),
+    "evaluate": Subcommand(
+        "PSNR / SSIM / LPIPS / rFID of one or more VAEs on the same images, side by side",
+        _configure_evaluate,
+        _run_evaluate,
     ),
 }
 

@@ -47,6 +47,13 @@ class TrainConfig:
         None, "Folder of validation images; default: a fixed held-out slice of the training set."
     )
     resolution: int = _f(256, "Training crop size in pixels (short side resized to this, then cropped).")
+    resize_to: int | None = _f(
+        None,
+        "Resize the shorter side to this before cropping (default: --resolution); larger = detail crops.",
+    )
+    cache_images: bool = _f(
+        False, "Keep decoded, resized images in memory (small datasets: no decoding per step)."
+    )
     dataloader_num_workers: int = _f(4, "Data loader worker processes per training process.")
     # -- optimisation --
     train_batch_size: int = _f(12, "Images per process per step.")
@@ -117,9 +124,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "quickstart": dict(
         model_preset="tiny-kl-f8",
         resolution=64,
+        resize_to=256,  # 64 px detail crops at the scale the evaluation protocol uses (256 px)
+        cache_images=True,
         train_batch_size=8,
-        max_train_steps=300,
-        learning_rate=1e-3,
+        max_train_steps=1200,
+        learning_rate=2e-3,
         scale_lr=False,
         adam_beta1=0.9,
         adam_beta2=0.99,
@@ -128,9 +137,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         perceptual_weight=0.1,
         perceptual_fallback=True,
         dataloader_num_workers=0,
-        validation_steps=100,
+        validation_steps=400,
         num_validation_images=8,
-        checkpointing_steps=100,
+        checkpointing_steps=400,
         scaling_factor_images=64,
         output_dir="outputs/quickstart",
     ),
@@ -152,17 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
         help = f"{f.metadata['help']} (default: {f.default})"
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         if kind == "bool":
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, help=help)
+            parser.add_argument(
+                *names,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help,
+            )
             continue
         convert = float if "float" in kind else int if "int" in kind else str
+        if "None" in kind:  # optional fields take the word none (or null) for None
+            convert = _or_none(convert)
+        # Flags not given stay out of the namespace (SUPPRESS), so "given" and "given as none" are told apart.
         parser.add_argument(
-            *names, dest=f.name, type=_optional(convert), choices=f.metadata.get("choices"), help=help
+            *names,
+            dest=f.name,
+            type=convert,
+            choices=f.metadata.get("choices"),
+            default=argparse.SUPPRESS,
+            help=help,
         )
-    parser.set_defaults(**{f.name: None for f in fields(TrainConfig)})
     return parser
 
 
-def _optional(convert):
+def _or_none(convert):
     def parse(text: str):
         return None if text.lower() in ("none", "null") else convert(text)
 
@@ -177,9 +199,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     if args.config:
         with open(args.config) as handle:
             values.update(json.load(handle))
-    explicit = {
-        name for name, value in vars(args).items() if value is not None and name not in ("preset", "config")
-    }
+    explicit = set(vars(args)) - {"preset", "config"}
     values.update({name: getattr(args, name) for name in explicit})
     unknown = set(values) - {f.name for f in fields(TrainConfig)}
     if unknown:

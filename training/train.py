@@ -5,13 +5,17 @@
     accelerate launch training/train.py --pretrained_model_name_or_path vae.safetensors --decoder_only ...
 
 Reads top to bottom: setup, data, model and EMA, losses and optimizers, `accelerator.prepare`, resume, loop
-(autoencoder step, discriminator step, EMA, logging, validation, checkpoints), then the latent scaling factor and
-the export to `output_dir/final/`.
+(one `TrainStep` per batch: autoencoder step, discriminator step; then EMA, logging, validation, checkpoints), then
+the latent scaling factor and the export to `output_dir/final/`. The step itself is `latentvae.training_step`; the
+randomness that makes a resumed run exact is `latentvae.seeding`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,8 +26,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from latentvae import AutoencoderKL
@@ -36,33 +40,18 @@ from latentvae.checkpointing import (
 )
 from latentvae.data import load_image_data
 from latentvae.discriminator import NLayerDiscriminator
-from latentvae.distributions import DiagonalGaussianDistribution
 from latentvae.export import export_vae
 from latentvae.images import ImageDataset, collate_images
 from latentvae.latent_stats import measure_latent_stats
 from latentvae.loading import load_vae
 from latentvae.losses import AutoencoderLoss
 from latentvae.pretrained import MissingWeightsError, build_lpips
+from latentvae.seeding import EpochSeededDataset, derived_generator
 from latentvae.training_config import TrainConfig, parse_config
+from latentvae.training_step import Reconstruction, TrainStep
 from latentvae.validation import save_grid, validate
 
 logger = get_logger("latentvae.train", log_level="INFO")
-
-
-class Reconstruction(nn.Module):
-    """x -> (reconstruction from a posterior sample, posterior moments): the module DDP wraps, so every parameter
-    that gets a gradient is reached through DDP's forward and gradients are averaged across processes."""
-
-    def __init__(self, vae: AutoencoderKL):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        moments = self.vae.encode(images).latent_dist.parameters
-        z = DiagonalGaussianDistribution(
-            moments
-        ).sample()  # z = mu + sigma * eps, eps from torch's global RNG
-        return self.vae.decode(z).sample, moments
 
 
 def build_vae(cfg: TrainConfig) -> AutoencoderKL:
@@ -87,7 +76,11 @@ def build_perceptual(cfg: TrainConfig, explicit: set[str]) -> nn.Module | None:
     if cfg.perceptual_weight <= 0:
         return None
     try:
-        return build_lpips(cfg.perceptual_net, random_backbone=cfg.perceptual_random_backbone)
+        return build_lpips(
+            cfg.perceptual_net,
+            random_backbone=cfg.perceptual_random_backbone,
+            alternative="train without the perceptual term: --perceptual_weight 0",
+        )
     except MissingWeightsError as err:
         if not cfg.perceptual_fallback or "perceptual_weight" in explicit:
             raise
@@ -99,6 +92,11 @@ def build_perceptual(cfg: TrainConfig, explicit: set[str]) -> nn.Module | None:
         )
         cfg.perceptual_weight = 0.0  # recorded in checkpoints and the tracker as what actually ran
         return None
+
+
+def has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 def lr_for(cfg: TrainConfig, accelerator: Accelerator) -> float:
@@ -115,6 +113,9 @@ def save_checkpoint(
 ) -> None:
     """Every process writes its part (RNG state) into a staging folder; the main process renames it when complete."""
     staging = staging_dir(cfg.output_dir, step)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a crash: start clean, no stale files from it
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -123,6 +124,31 @@ def save_checkpoint(
         removed = prune_checkpoints(cfg.output_dir, cfg.checkpoints_total_limit)
         logger.info(f"saved {final}" + (f"; removed {', '.join(p.name for p in removed)}" if removed else ""))
     accelerator.wait_for_everyone()
+
+
+def run_validation(accelerator, cfg, vae, ema, val_set, perceptual, step) -> dict[str, float]:
+    """PSNR / SSIM (/ LPIPS) and a grid on the validation images, with EMA weights when EMA is on (main process)."""
+    metrics: dict[str, float] = {}
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.store(vae.parameters())
+            ema.copy_to(vae.parameters())
+        loader = DataLoader(val_set, batch_size=cfg.train_batch_size, collate_fn=collate_images)
+        with accelerator.autocast():
+            metrics, grid = validate(vae, (b["pixel_values"] for b in loader), perceptual)
+        if ema is not None:
+            ema.restore(vae.parameters())
+        path = save_grid(grid, Path(cfg.output_dir) / "validation" / f"step-{step:07d}.png")
+        accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("val/input|reconstruction|error", grid, step)
+        logger.info(
+            f"step {step}: val PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} ({path})",
+            main_process_only=True,
+        )
+    accelerator.wait_for_everyone()
+    return metrics
 
 
 def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
@@ -139,11 +165,16 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
         # The shuffling order is a function of (seed, epoch), so a resumed run sees the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         dynamo_backend="inductor" if cfg.compile else None,
+        # Several processes on a machine without GPUs: Accelerate runs each alone unless told to use the CPU
+        # (then it sets up gloo DDP), so `accelerate launch --multi_gpu --num_processes 2` works there too.
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator(),
     )
-    set_seed(cfg.seed)  # identical initial weights on every process
+    # Identical initial weights on every process. Crops and posterior noise do not use this global RNG: they
+    # are seeded by position (latentvae.seeding), which is what makes a resumed run exact.
+    set_seed(cfg.seed)
     started = time.time()
 
-    # -- data -----------------------------------------------------------------------------------------------------
+    # -- data, and the perceptual loss (both fail here, before any model is built) -------------------------------
     with accelerator.main_process_first():
         data = load_image_data(
             train_data_dir=cfg.train_data_dir,
@@ -154,8 +185,12 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
         )
     logger.info(data.description, main_process_only=True)
     logger.info(f"validation images: {', '.join(data.val_names)}", main_process_only=True)
-    train_set = ImageDataset(data.train, cfg.resolution, train=True, skip_log=data.skip_log)
-    val_set = ImageDataset(data.val[: cfg.num_validation_images], cfg.resolution, train=False)
+    crops = dict(resize_to=cfg.resize_to, cache=cfg.cache_images)
+    train_set = EpochSeededDataset(
+        ImageDataset(data.train, cfg.resolution, train=True, skip_log=data.skip_log, **crops), cfg.seed
+    )
+    val_images = ImageDataset(data.val, cfg.resolution, train=False, **crops)
+    val_set = Subset(val_images, range(min(cfg.num_validation_images, len(val_images))))
     images_per_step = cfg.train_batch_size * accelerator.num_processes
     if len(train_set) < images_per_step:
         raise ValueError(
@@ -172,13 +207,13 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
         pin_memory=torch.cuda.is_available(),
         persistent_workers=cfg.dataloader_num_workers > 0,
     )
+    train_loader = accelerator.prepare(train_loader)  # this process's shard
+    perceptual = build_perceptual(cfg, explicit)
 
     # -- model, EMA, losses, optimizers -------------------------------------------------------------------------
     vae = build_vae(cfg)
-    set_seed(cfg.seed, device_specific=True)  # from here on each process draws its own crops and noise
     model = Reconstruction(vae)
     ema = EMAModel(vae.parameters(), decay=cfg.ema_decay, foreach=True) if cfg.ema_decay > 0 else None
-    perceptual = build_perceptual(cfg, explicit)
     loss_fn = AutoencoderLoss(
         perceptual_loss=perceptual,
         perceptual_weight=cfg.perceptual_weight,
@@ -197,14 +232,14 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     )
     ae_params = [p for p in vae.parameters() if p.requires_grad] + loss_fn.autoencoder_parameters()
     opt_ae = torch.optim.AdamW(ae_params, lr=lr, **adam)
-    # Accelerate steps a prepared scheduler once per process, hence the factor (as in the diffusers examples).
-    steps_per_epoch = math.ceil(
-        math.ceil(len(train_loader) / accelerator.num_processes) / cfg.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    max_steps = (
+        cfg.max_train_steps if cfg.max_train_steps is not None else cfg.num_train_epochs * steps_per_epoch
     )
-    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
 
     def schedule(optimizer):
+        # Accelerate steps a prepared scheduler once per process, hence the factor (as in the diffusers examples).
         return get_scheduler(
             cfg.lr_scheduler,
             optimizer,
@@ -213,12 +248,15 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
         )
 
     sched_ae = schedule(opt_ae)
-    model, opt_ae, train_loader, sched_ae = accelerator.prepare(model, opt_ae, train_loader, sched_ae)
+    model, opt_ae, sched_ae = accelerator.prepare(model, opt_ae, sched_ae)
+    opt_d = sched_d = None
     if use_gan:
         opt_d = torch.optim.AdamW(discriminator.parameters(), lr=cfg.disc_learning_rate or lr, **adam)
         sched_d = schedule(opt_d)
         discriminator, opt_d, sched_d = accelerator.prepare(discriminator, opt_d, sched_d)
-        plain_discriminator = accelerator.unwrap_model(discriminator)
+    train_step = TrainStep(
+        accelerator, model, loss_fn, opt_ae, sched_ae, cfg.max_grad_norm, discriminator, opt_d, sched_d
+    )
     accelerator.register_for_checkpointing(loss_fn)  # the learned logvar
     if ema is not None:
         ema.to(accelerator.device)
@@ -235,6 +273,8 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
             logger.info(f"no checkpoint in {output_dir} yet: starting from scratch", main_process_only=True)
         else:
             accelerator.load_state(str(path))
+            if ema is not None:
+                ema.to(accelerator.device)  # custom objects are loaded onto the CPU
             global_step = read_training_state(path)["global_step"]
             first_epoch = global_step // steps_per_epoch
             skip_batches = (global_step % steps_per_epoch) * cfg.gradient_accumulation_steps
@@ -249,70 +289,41 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     progress = tqdm(
         total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process
     )
-    last_layer = vae.decoder.conv_out.weight
     val_metrics: dict[str, float] = {}
     tick, tick_step = time.time(), global_step
+    # Batches since the last optimizer step; checkpoints fall on optimizer steps, so it is 0 on resume.
+    micro_step = 0
     for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_steps:
+            break
+        train_set.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         batches = train_loader
         if epoch == first_epoch and skip_batches:
             batches = accelerator.skip_first_batches(train_loader, skip_batches)
         for batch in batches:
+            data.skip_log.merge(batch["skipped"])  # files found broken in data-loader workers
             images = batch["pixel_values"]
             if cfg.channels_last:
                 images = images.to(memory_format=torch.channels_last)
-            gan_on = use_gan and loss_fn.discriminator_active(global_step)
-            with accelerator.accumulate(model):
-                # Autoencoder step. The generator loss goes through a frozen discriminator: gradients reach the
-                # reconstruction but are never written into the discriminator.
-                recon, moments = model(images)
-                if use_gan:
-                    plain_discriminator.requires_grad_(False)
-                with accelerator.autocast():
-                    loss, logs = loss_fn.autoencoder_loss(
-                        images,
-                        recon,
-                        DiagonalGaussianDistribution(moments.float()),
-                        global_step,
-                        last_layer=last_layer if gan_on else None,
-                        discriminator=plain_discriminator if gan_on else None,
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    loss_fn.all_reduce_logvar_grad()
-                    if cfg.max_grad_norm > 0:
-                        logs["grad_norm"] = accelerator.clip_grad_norm_(ae_params, cfg.max_grad_norm)
-                opt_ae.step()
-                sched_ae.step()
-                opt_ae.zero_grad(set_to_none=True)
-            if gan_on:
-                # Discriminator step, on detached reconstructions: nothing reaches the autoencoder.
-                plain_discriminator.requires_grad_(True)
-                with accelerator.accumulate(discriminator), accelerator.autocast():
-                    d_loss, d_logs = loss_fn.discriminator_loss(images, recon, discriminator, global_step)
-                    accelerator.backward(d_loss)
-                    opt_d.step()
-                    sched_d.step()
-                    opt_d.zero_grad(set_to_none=True)
-                logs.update(d_logs)
+            noise = derived_generator(cfg.seed, accelerator.process_index, global_step, micro_step)
+            logs = train_step(images, global_step, noise)
             if not accelerator.sync_gradients:
+                micro_step += 1
                 continue
 
             # -- end of an optimizer step --
+            micro_step = 0
             if ema is not None:
                 ema.step(vae.parameters())
             global_step += 1
             progress.update(1)
             if global_step % cfg.logging_steps == 0 or global_step == max_steps:
                 elapsed = time.time() - tick
-                rate = (
-                    (global_step - tick_step)
-                    * images_per_step
-                    * cfg.gradient_accumulation_steps
-                    / max(elapsed, 1e-9)
-                )
+                images_seen = (global_step - tick_step) * images_per_step * cfg.gradient_accumulation_steps
                 tick, tick_step = time.time(), global_step
                 scalars = {f"train/{k}": float(v) for k, v in logs.items()}
+                rate = images_seen / max(elapsed, 1e-9)
                 scalars.update({"train/lr": sched_ae.get_last_lr()[0], "train/images_per_s": rate})
                 accelerator.log(scalars, step=global_step)
                 progress.set_postfix(loss=f"{scalars['train/loss']:.4g}", img_s=f"{rate:.1f}")
@@ -322,8 +333,6 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
                 save_checkpoint(accelerator, cfg, vae, global_step, epoch)
             if global_step >= max_steps:
                 break
-        if global_step >= max_steps:
-            break
     progress.close()
 
     # -- scaling factor and export -----------------------------------------------------------------------------
@@ -333,7 +342,8 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
         vae.eval()
         if ema is not None:
             ema.copy_to(vae.parameters())
-        stats_set = ImageDataset(data.train[: cfg.scaling_factor_images], cfg.resolution, train=False)
+        stats_images = ImageDataset(data.train, cfg.resolution, train=False, **crops)
+        stats_set = Subset(stats_images, range(min(cfg.scaling_factor_images, len(stats_images))))
         stats_loader = DataLoader(stats_set, batch_size=cfg.train_batch_size, collate_fn=collate_images)
         stats = measure_latent_stats(
             vae, (b["pixel_values"] for b in stats_loader), generator=torch.Generator().manual_seed(cfg.seed)
@@ -366,32 +376,10 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     return final_dir
 
 
-def run_validation(accelerator, cfg, vae, ema, val_set, perceptual, step) -> dict[str, float]:
-    """PSNR / SSIM (/ LPIPS) and a grid on the validation images, with EMA weights when EMA is on (main process)."""
-    metrics: dict[str, float] = {}
-    if accelerator.is_main_process:
-        if ema is not None:
-            ema.store(vae.parameters())
-            ema.copy_to(vae.parameters())
-        loader = DataLoader(val_set, batch_size=cfg.train_batch_size, collate_fn=collate_images)
-        with accelerator.autocast():
-            metrics, grid = validate(vae, (b["pixel_values"] for b in loader), perceptual)
-        if ema is not None:
-            ema.restore(vae.parameters())
-        path = save_grid(grid, Path(cfg.output_dir) / "validation" / f"step-{step:07d}.png")
-        accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("val/input|reconstruction|error", grid, step)
-        logger.info(
-            f"step {step}: val PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} ({path})",
-            main_process_only=True,
-        )
-    accelerator.wait_for_everyone()
-    return metrics
-
-
 if __name__ == "__main__":
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
     config, given = parse_config()
     try:
         main(config, given)

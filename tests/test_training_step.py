@@ -1,0 +1,169 @@
+"""One training step (`latentvae.training_step`) and position-seeded randomness (`latentvae.seeding`): what flows
+where, against hand-computed gradients and the optimizers' observable effects (CPU, tiny sizes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from train_helpers import assert_identical, reset_accelerate, snapshot
+
+RESOLUTION = 32
+
+
+@pytest.fixture(autouse=True)
+def clean_accelerate_state():
+    yield
+    reset_accelerate()
+
+
+def tiny_train_step(accumulation: int = 1, perceptual: nn.Module | None = None, gan: bool = True):
+    """A `TrainStep` as train.py builds it (prepared by a one-process Accelerator), on a tiny f2 autoencoder."""
+    from accelerate import Accelerator
+
+    from latentvae.autoencoder_kl import AutoencoderKL
+    from latentvae.discriminator import NLayerDiscriminator
+    from latentvae.losses import AutoencoderLoss
+    from latentvae.training_step import Reconstruction, TrainStep
+
+    accelerator = Accelerator(gradient_accumulation_steps=accumulation, cpu=True)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=RESOLUTION,
+    )
+    loss_fn = AutoencoderLoss(
+        perceptual_loss=perceptual,
+        perceptual_weight=1.0 if perceptual else 0.0,
+        disc_start=0,
+        disc_weight=0.5 if gan else 0.0,
+    )
+    model = Reconstruction(vae)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    parts = [None, None, None]
+    if gan:
+        critic = NLayerDiscriminator(ndf=8, n_layers=2)
+        critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=1e-3)
+        critic_scheduler = torch.optim.lr_scheduler.LambdaLR(critic_optimizer, lambda _: 1.0)
+        parts = list(accelerator.prepare(critic, critic_optimizer, critic_scheduler))
+    return TrainStep(accelerator, model, loss_fn, optimizer, scheduler, 0.0, *parts)
+
+
+def batch(seed: int = 0) -> torch.Tensor:
+    return torch.rand(2, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_lpips_gradient_reaches_the_encoder():
+    from latentvae.pretrained import build_lpips
+
+    lpips = build_lpips("vgg", random_backbone=True)
+    encoder_grads = []
+    for perceptual in (lpips, None):
+        step = tiny_train_step(perceptual=perceptual, gan=False)
+        weight = step.vae.encoder.conv_in.weight
+        weight.register_post_accumulate_grad_hook(lambda p: encoder_grads.append(p.grad.clone()))
+        step.autoencoder_step(batch(), 0, torch.Generator().manual_seed(1))
+        reset_accelerate()
+    with_lpips, without = encoder_grads
+
+    # Oracle: the gradient of the LPIPS term alone, by hand: rec = pixel + LPIPS broadcast over (C, H, W), summed
+    # over (C, H, W) and averaged over the batch -> C * H * W * mean_b LPIPS_b.
+    step = tiny_train_step(gan=False)
+    recon, _ = step.model(batch(), generator=torch.Generator().manual_seed(1))
+    lpips_term = lpips(batch(), recon).mean() * recon[0].numel()
+    (expected,) = torch.autograd.grad(lpips_term, step.vae.encoder.conv_in.weight)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(
+        with_lpips - without, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()
+    )
+
+
+def test_autoencoder_step_leaves_the_discriminator_alone():
+    step = tiny_train_step()
+    critic = step.accelerator.unwrap_model(step.discriminator)
+    critic_before, decoder_before = snapshot(critic), snapshot(step.vae.decoder)
+    _, logs = step.autoencoder_step(batch(), 0, torch.Generator().manual_seed(1))
+    assert "g_loss" in logs and logs["d_weight"] > 0  # the generator loss ran through the discriminator
+    assert all(p.grad is None and p.requires_grad for p in critic.parameters())
+    assert_identical(snapshot(critic), critic_before)
+    assert not torch.equal(snapshot(step.vae.decoder)["conv_out.weight"], decoder_before["conv_out.weight"])
+
+
+def test_discriminator_step_leaves_autoencoder_gradients_untouched():
+    step = tiny_train_step()
+    critic = step.accelerator.unwrap_model(step.discriminator)
+    recon, _ = step.model(batch(), generator=torch.Generator().manual_seed(1))  # with its graph
+    grads = {name: torch.randn_like(p) for name, p in step.vae.named_parameters()}
+    for name, p in step.vae.named_parameters():
+        p.grad = grads[name].clone()
+    critic_before = snapshot(critic)
+    logs = step.discriminator_step(batch(), recon, 0)
+    assert logs["disc_loss"] > 0
+    assert_identical({name: p.grad for name, p in step.vae.named_parameters()}, grads)
+    assert not torch.equal(snapshot(critic)["main.0.weight"], critic_before["main.0.weight"])
+
+
+def test_accumulation_steps_both_optimizers_once_per_two_batches():
+    step = tiny_train_step(accumulation=2)
+    critic = step.accelerator.unwrap_model(step.discriminator)
+    vae_before, critic_before = snapshot(step.vae), snapshot(critic)
+    step(batch(0), 0, torch.Generator().manual_seed(1))
+    assert not step.accelerator.sync_gradients
+    assert_identical(snapshot(step.vae), vae_before)
+    assert_identical(snapshot(critic), critic_before)
+    step(batch(1), 0, torch.Generator().manual_seed(2))
+    assert step.accelerator.sync_gradients
+    assert not torch.equal(
+        snapshot(step.vae)["decoder.conv_out.weight"], vae_before["decoder.conv_out.weight"]
+    )
+    assert not torch.equal(snapshot(critic)["main.0.weight"], critic_before["main.0.weight"])
+
+
+class RandomDraws(torch.utils.data.Dataset):
+    """Item i: (i, a number from torch's global RNG), as a random crop would draw it."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index: int) -> tuple[int, float]:
+        return index, torch.rand(()).item()
+
+
+def test_epoch_seeded_draws_do_not_depend_on_order_or_workers_and_change_each_epoch():
+    from torch.utils.data import DataLoader
+
+    from latentvae.seeding import EpochSeededDataset
+
+    def draws(num_workers: int, reverse: bool) -> list[dict[int, float]]:
+        dataset = EpochSeededDataset(RandomDraws(), seed=3)
+        order = list(range(6))[::-1] if reverse else list(range(6))
+        loader = DataLoader(
+            dataset,
+            sampler=order,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+        )
+        epochs = []
+        for epoch in range(2):
+            dataset.set_epoch(epoch)  # persistent workers must see it too
+            epochs.append(dict(loader))
+        return epochs
+
+    expected = draws(0, reverse=False)
+    assert draws(2, reverse=True) == expected
+    assert all(expected[0][i] != expected[1][i] for i in range(6))
+
+    # The global RNG does not see the draws.
+    dataset = EpochSeededDataset(RandomDraws(), seed=3)
+    torch.manual_seed(0)
+    dataset[0]
+    after = torch.rand(())
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(()), after)
