@@ -104,7 +104,8 @@ class AttentionBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
         for layer in self.to_out:
             out = layer(out)
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        # attention output first, as diffusers adds them: the sum takes its memory format and rounding order
+        return out.transpose(1, 2).reshape(b, c, h, w) + x
 
 
 class _Level(nn.Module):
@@ -159,6 +160,21 @@ class MidBlock(nn.Module):
         for attention in self.attentions:
             x = attention(x)
         return self.resnets[1](x)
+
+
+def check_block_types(
+    down_block_types: tuple[str, ...], up_block_types: tuple[str, ...], levels: int
+) -> None:
+    """Refuse block types other than the plain levels built here (diffusers' DownEncoderBlock2D / UpDecoderBlock2D),
+    one per entry of `block_out_channels`."""
+    for name, types, kind in (
+        ("down", down_block_types, "DownEncoderBlock2D"),
+        ("up", up_block_types, "UpDecoderBlock2D"),
+    ):
+        if len(types) != levels or any(t != kind for t in types):
+            raise ValueError(
+                f"{name}_block_types must be {levels} x {kind!r} (one per level), got {tuple(types)}"
+            )
 
 
 class Encoder(nn.Module):

@@ -12,10 +12,14 @@ Expected failures (missing file, refused pickle, weights that do not fit) print 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -28,6 +32,7 @@ from latentvae.export import save_diffusers, save_ldm
 from latentvae.images import BadImageError
 from latentvae.loading import VAEFileError, build_vae, load_vae, read_vae
 from latentvae.metrics import psnr
+from latentvae.shards import configure_make_shards, run_make_shards
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -63,7 +68,8 @@ def _configure_info(parser: argparse.ArgumentParser) -> None:
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
-    """Parameters of the encoder side (encoder + quant_conv), the decoder side (post_quant_conv + decoder), all."""
+    """Parameters of the encoder side (encoder + quant_conv), the decoder side (post_quant_conv + decoder, and a VQ
+    model's codebook, which decoding needs), all."""
     counts = {"encoder": 0, "decoder": 0, "total": 0}
     for name, param in model.named_parameters():
         side = "encoder" if name.startswith(("encoder.", "quant_conv.")) else "decoder"
@@ -88,12 +94,26 @@ def _run_info(args: argparse.Namespace) -> int:
         "block_out_channels": f"{list(c.block_out_channels)}, {c.layers_per_block} layers per block",
         "norm_num_groups": str(c.norm_num_groups),
         "mid attention": yes[c.mid_block_add_attention],
-        "quant convs": f"quant_conv {yes[c.use_quant_conv]}, post_quant_conv {yes[c.use_post_quant_conv]}",
-        "downsampling": f"{model.downsampling_factor}x",
-        "parameters": f"encoder {counts['encoder']:,}, decoder {counts['decoder']:,}, total {counts['total']:,}",
-        "scaling_factor": f"{c.scaling_factor} (shift_factor {c.shift_factor})",
-        "force_upcast": str(c.force_upcast),
     }
+    if "num_vq_embeddings" in c:  # VQModel: a codebook between quant_conv and post_quant_conv
+        dim = c.vq_embed_dim if c.vq_embed_dim is not None else c.latent_channels
+        rows["codebook"] = (
+            f"{c.num_vq_embeddings} codes of dimension {dim} ({math.log2(c.num_vq_embeddings):.1f} bits per "
+            f"latent position); decode takes indices: {yes[c.lookup_from_codebook]}"
+        )
+    else:
+        rows["quant convs"] = (
+            f"quant_conv {yes[c.use_quant_conv]}, post_quant_conv {yes[c.use_post_quant_conv]}"
+        )
+    rows.update(
+        {
+            "downsampling": f"{model.downsampling_factor}x",
+            "parameters": f"encoder {counts['encoder']:,}, decoder {counts['decoder']:,}, total {counts['total']:,}",
+            "scaling_factor": f"{c.scaling_factor}"
+            + (f" (shift_factor {c.shift_factor})" if "shift_factor" in c else ""),
+            "force_upcast": str(c.force_upcast),
+        }
+    )
     width = max(map(len, rows)) + 1
     for key, value in rows.items():
         print(f"{key + ':':<{width}} {value}")
@@ -160,6 +180,11 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
         raise UsageError(f"--resolution must be positive, got {args.resolution}")
     model = load_vae(args.path, allow_pickle=args.allow_pickle, device=args.device)
     if args.tile:
+        if not hasattr(model, "enable_tiling"):
+            raise UsageError(
+                f"--tile: {args.path} holds a {type(model).__name__}, which has no tiled decode; drop --tile "
+                "(it reconstructs at native size) or pass --resolution to bound the image size"
+            )
         model.enable_tiling()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,6 +206,33 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----- benchmark: eval/benchmark.py, which ships with the source tree (like eval/evaluate.py) -----
+
+
+@functools.cache
+def _benchmark_script() -> ModuleType | None:
+    """eval/benchmark.py of this checkout, loaded as a module; None outside a source checkout."""
+    path = Path(__file__).resolve().parents[1] / "eval" / "benchmark.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("latentvae_eval_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _configure_benchmark(parser: argparse.ArgumentParser) -> None:
+    if (script := _benchmark_script()) is not None:
+        script.configure_parser(parser)
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    if (script := _benchmark_script()) is None:
+        raise UsageError("the benchmark is eval/benchmark.py of a source checkout (pip install -e .)")
+    return script.run(args)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "info": Subcommand("show the format, architecture and size of a VAE file", _configure_info, _run_info),
     "convert": Subcommand(
@@ -195,6 +247,16 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "PSNR / SSIM / LPIPS / rFID of one or more VAEs on the same images, side by side",
         _configure_evaluate,
         _run_evaluate,
+    ),
+    "make-shards": Subcommand(
+        "write a folder of images into WebDataset tar shards for --train_shards",
+        configure_make_shards,
+        run_make_shards,
+    ),
+    "benchmark": Subcommand(
+        "speed and memory: encode/decode against diffusers, the fast path, tiling (eval/benchmark.py)",
+        _configure_benchmark,
+        _run_benchmark,
     ),
 }
 

@@ -14,8 +14,10 @@ CompVis latent-diffusion):
     *.conv_shortcut (inside a resnet)         -> *.nin_shortcut
     *.conv_norm_out                           -> *.norm_out
 
-`conv_in`, `conv_out`, `quant_conv` and `post_quant_conv` are the same in both. Keys that match no rule
-pass through unchanged, so a loader's strict check reports them as unexpected instead of losing them silently.
+`conv_in`, `conv_out`, `quant_conv` and `post_quant_conv` are the same in both, and so is a VQ model's codebook
+`quantize.embedding.weight`: CompVis latent-diffusion's `VQModel` (the vq-f4 / vq-f8 first stages) uses the same
+encoder and decoder as its `AutoencoderKL`, so one converter serves both kinds. Keys that match no rule pass through
+unchanged, so a loader's strict check reports them as unexpected instead of losing them silently.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ VAE_PREFIXES = ("first_stage_model.", "vae.")
 # The original CompVis autoencoder checkpoints also store their training loss (LPIPS, discriminator, logvar)
 # under `loss.`; those are not part of the autoencoder.
 _LDM_NON_MODEL_PREFIXES = ("loss.",)
+
+# The codebook of a VQ model: the same name in the diffusers and the ldm layout (LDM's and taming's VQModel).
+CODEBOOK_KEY = "quantize.embedding.weight"
 
 # Norm group counts tried, largest first, when the config has to be inferred from shapes (see `infer_config`).
 _GROUP_CANDIDATES = (32, 16, 8, 4, 2, 1)
@@ -235,10 +240,12 @@ def _layer_count(keys: list[str], prefix: str) -> int:
 
 
 def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
-    """Infer the `AutoencoderKL` constructor arguments from tensor shapes alone.
+    """Infer the `AutoencoderKL` or (with a `quantize.embedding.weight` codebook) `VQModel` constructor arguments
+    from tensor shapes alone.
 
-    Recovered exactly: in/out channels, block_out_channels, layers_per_block, latent_channels, use_quant_conv,
-    use_post_quant_conv, mid_block_add_attention and the block types. Not visible in the shapes:
+    Recovered exactly: in/out channels, block_out_channels, layers_per_block, latent_channels,
+    mid_block_add_attention and the block types; for a KL model use_quant_conv and use_post_quant_conv, for a VQ
+    model num_vq_embeddings and vq_embed_dim. Not visible in the shapes:
 
     - `norm_num_groups`: GroupNorm weights have one value per channel whatever the group count, so we pick the
       largest of 32, 16, 8, 4, 2, 1 that divides every channel count (32 for SD-shaped VAEs). A VAE trained with
@@ -250,7 +257,7 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
         state_dict: a VAE state dict in the diffusers layout (see `to_diffusers_layout`).
 
     Returns:
-        A config dict with `_class_name` "AutoencoderKL", usable with `AutoencoderKL.from_config`.
+        A config dict with `_class_name` "AutoencoderKL" or "VQModel", usable with that class's `from_config`.
 
     Raises:
         ValueError: naming the tensor that is needed but missing.
@@ -269,8 +276,7 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
         shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(num_levels)
     ]
     groups = next(g for g in _GROUP_CANDIDATES if all(c % g == 0 for c in block_out_channels))
-    return {
-        "_class_name": "AutoencoderKL",
+    config = {
         "in_channels": shape("encoder.conv_in.weight")[1],
         "out_channels": shape("decoder.conv_out.weight")[0],
         "down_block_types": ["DownEncoderBlock2D"] * num_levels,
@@ -279,7 +285,14 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
         "layers_per_block": _layer_count(keys, "encoder.down_blocks.0.resnets."),
         "latent_channels": shape("decoder.conv_in.weight")[1],
         "norm_num_groups": groups,
+        "mid_block_add_attention": any(k.startswith("encoder.mid_block.attentions.") for k in keys),
+    }
+    if CODEBOOK_KEY in state_dict:
+        num_codes, code_dim = shape(CODEBOOK_KEY)
+        return {"_class_name": "VQModel", **config, "num_vq_embeddings": num_codes, "vq_embed_dim": code_dim}
+    return {
+        "_class_name": "AutoencoderKL",
+        **config,
         "use_quant_conv": "quant_conv.weight" in state_dict,
         "use_post_quant_conv": "post_quant_conv.weight" in state_dict,
-        "mid_block_add_attention": any(k.startswith("encoder.mid_block.attentions.") for k in keys),
     }

@@ -36,9 +36,11 @@ from latentvae.images import (
     ImageDataset,
     ImageSource,
     SkipLog,
+    TooManyBadImagesError,
     collate_images,
     probe_image,
     source_name,
+    too_many_bad_images,
 )
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "ImageData",
     "ImageDataset",
     "SkipLog",
+    "TooManyBadImagesError",
     "collate_images",
     "default_val_count",
     "embedded_images",
@@ -330,7 +333,9 @@ class ImageData:
         return [source_name(source) for source in self.val]
 
 
-def _checked(sources: Sequence[ImageSource], where: str, skip_log: SkipLog) -> Sequence[ImageSource]:
+def _checked(
+    sources: Sequence[ImageSource], where: str, skip_log: SkipLog, max_bad_fraction: float
+) -> Sequence[ImageSource]:
     good, bad = validate_images(sources, progress=len(sources) >= 1000)  # a bar only where the wait is felt
     for name, reason in bad.items():
         skip_log.record(name, reason)
@@ -340,6 +345,9 @@ def _checked(sources: Sequence[ImageSource], where: str, skip_log: SkipLog) -> S
             f"those ending in {', '.join(IMAGE_EXTENSIONS)}, in any case; see the warnings above for why each "
             "was rejected). Check the path."
         )
+    error = too_many_bad_images(bad, len(sources), max_bad_fraction, where)
+    if error is not None:
+        raise error
     return good
 
 
@@ -352,6 +360,7 @@ def load_image_data(
     seed: int = 0,
     split: str = "train",
     cache_dir: str | None = None,
+    max_bad_fraction: float = 0.1,
 ) -> ImageData:
     """Find the training and validation images, drop unreadable ones, and fail early if none is left.
 
@@ -366,6 +375,7 @@ def load_image_data(
         seed: Chooses the held-out images.
         split: The Hugging Face dataset split.
         cache_dir: The `datasets` cache folder.
+        max_bad_fraction: The largest fraction of a source's image files that may be broken (default 10 %).
 
     Returns:
         An `ImageData` with the usable images and the files skipped so far.
@@ -373,7 +383,11 @@ def load_image_data(
     Raises:
         ValueError: If both data sources are given, or if a source holds no usable image (before any model is
             built, so a wrong path costs seconds).
+        TooManyBadImagesError: (a `ValueError`) If more than `max_bad_fraction` of a source's files are broken;
+            the message lists them.
     """
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}.")
     if train_data_dir is not None and dataset_name is not None:
         raise ValueError(
             "Give either a training folder (--train_data_dir) or a dataset (--dataset_name), not both."
@@ -389,10 +403,11 @@ def load_image_data(
         sources = embedded_images()
         names = ", ".join(Path(source).stem for source in sources)
         where = f"the {len(sources)} photographs bundled with scikit-image ({names})"
-    train = _checked(sources, where, skip_log)
+    train = _checked(sources, where, skip_log, max_bad_fraction)
 
     if val_data_dir is not None:
-        val = _checked(find_images(val_data_dir), f"validation folder {val_data_dir}", skip_log)
+        val_where = f"validation folder {val_data_dir}"
+        val = _checked(find_images(val_data_dir), val_where, skip_log, max_bad_fraction)
         val_note = f"{len(val)} validation images from {val_data_dir}"
     else:
         count = default_val_count(len(train)) if val_count is None else val_count

@@ -1,9 +1,12 @@
 """Reconstruction quality of one or more VAEs by the published protocol, side by side (`latentvae evaluate`).
 
 Protocol: image -> RGB uint8 -> resize the shorter side to R (PIL bicubic) and center-crop RxR, or native size
-reflect-padded to a multiple of the downsampling factor -> [-1, 1] -> posterior mode (or a seeded sample) ->
-decode -> crop back -> clamp -> uint8 round((x + 1) * 127.5). PSNR and SSIM on uint8 (`latentvae.metrics`),
-LPIPS v0.1 on [-1, 1], rFID from pytorch-fid's Inception features of the originals and the reconstructions.
+reflect-padded to a multiple of the downsampling factor -> [-1, 1] -> posterior mode (or a seeded sample) of a KL
+model, or a VQ model's encoder output, which its decode replaces by the nearest codebook vectors -> decode -> crop
+back -> clamp -> uint8 round((x + 1) * 127.5). For a VQ model the codes chosen over all images give the codebook
+usage (fraction of codes chosen at least once) and the perplexity of the code histogram. PSNR and SSIM on uint8
+(`latentvae.metrics`), LPIPS v0.1 on [-1, 1], rFID from pytorch-fid's Inception features of the originals and the
+reconstructions.
 `evaluate` measures; `latentvae.report.write_outputs` writes summary.json, per_image.csv, report.md and grids.
 """
 
@@ -108,7 +111,7 @@ def pad_to_multiple(x: Tensor, factor: int) -> Tensor:
     return x
 
 
-# ----- the model, by kind: a VQ model adds its branch to encode and decode -----
+# ----- the model, by kind: KL (Gaussian posterior) or VQ (codebook) -----
 
 
 def _is_kl(model: nn.Module) -> bool:
@@ -119,19 +122,39 @@ def _is_kl(model: nn.Module) -> bool:
     return isinstance(model, (AutoencoderKL, DiffusersAutoencoderKL))
 
 
+def _is_vq(model: nn.Module) -> bool:
+    from diffusers import VQModel as DiffusersVQModel
+
+    from latentvae.vq_model import VQModel
+
+    return isinstance(model, (VQModel, DiffusersVQModel))
+
+
+def _unsupported(model: nn.Module) -> TypeError:
+    return TypeError(f"cannot evaluate a {type(model).__name__}: only KL and VQ autoencoders are supported")
+
+
 def encode(model: nn.Module, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """The latents `decode` turns back into images: the posterior mode, or a sample drawn with `generator`."""
+    """The latents `decode` turns back into images: a KL model's posterior mode, or a sample drawn with
+    `generator`; a VQ model's encoder output before quantisation (deterministic, `generator` is not used)."""
     if _is_kl(model):
         posterior = model.encode(x).latent_dist
         return posterior.mode() if generator is None else posterior.sample(generator=generator)
-    raise TypeError(f"cannot evaluate a {type(model).__name__}: only KL autoencoders are supported")
+    if _is_vq(model):
+        return model.encode(x).latents
+    raise _unsupported(model)
 
 
 def decode(model: nn.Module, latents: Tensor) -> Tensor:
-    """Images in (about) [-1, 1] from `encode`'s latents."""
-    if _is_kl(model):
+    """Images in (about) [-1, 1] from `encode`'s latents; a VQ model quantises them first."""
+    if _is_kl(model) or _is_vq(model):
         return model.decode(latents).sample
-    raise TypeError(f"cannot evaluate a {type(model).__name__}: only KL autoencoders are supported")
+    raise _unsupported(model)
+
+
+def code_indices(model: nn.Module, latents: Tensor) -> Tensor:
+    """The codebook indices a VQ model's `decode` picks for `encode`'s latents, flattened."""
+    return model.quantize(latents)[2][2].flatten()
 
 
 def downsampling_factor(model: nn.Module) -> int:
@@ -154,7 +177,7 @@ def reconstruct(
     """Encode and decode images of any size by the protocol.
 
     Args:
-        model: a KL autoencoder (ours or diffusers').
+        model: a KL or VQ autoencoder (ours or diffusers').
         images: uint8-valued RGB `(B, 3, H, W)`, any dtype, on any device.
         generator: draw a posterior sample with it instead of taking the mode.
         stage: gives a context manager per stage (`"encode"`, `"decode"`), e.g. a `StageTimer`.
@@ -287,6 +310,8 @@ def evaluate_model(
         with memory.track():
             recon, latents = reconstruct(model, batch.images, generator, timer)
         result.latent_shape = result.latent_shape or list(latents.shape[1:])
+        if _is_vq(model):
+            result.add_codes(code_indices(model, latents), model.config.num_vq_embeddings)
         real = batch.images.to(device, torch.float32)
         scores = _score(real, recon, networks)
         result.add_scores(batch.names, scores)
@@ -311,8 +336,7 @@ def evaluate_model(
             result.rfid = frechet_distance(torch.cat(reference_features), torch.cat(features))
         except ValueError as err:
             result.notes.append(f"rFID not computed: {err}")
-    if _is_kl(model):
-        result.latent_stats = _latent_stats(model, data, settings, progress)
+    result.latent_stats = _latent_stats(model, data, settings, progress)
     del model
     gc.collect()
     if device.type == "cuda":

@@ -1,5 +1,12 @@
 """Write a trained VAE to disk: a diffusers folder plus one original-SD (ldm) single file beside it.
 
+Both model kinds are written the same way. `AutoencoderKL`: `_class_name` "AutoencoderKL", and the ldm file is the
+SD VAE layout that AUTOMATIC1111 and ComfyUI load. `VQModel`: `_class_name` "VQModel" (`diffusers.VQModel`
+loads the folder), and the ldm file is the layout of CompVis latent-diffusion's `VQModel` checkpoints (vq-f4,
+vq-f8: the same encoder/decoder names plus `quantize.embedding.weight`), which `load_vae` and latent-diffusion's
+`init_from_ckpt` read; the SD tools have no use for a VQ first stage, but the file costs little and keeps one
+export format for both kinds.
+
 Layout written by `export_vae(model, "runs/faces-vae")`::
 
     runs/faces-vae/config.json                          diffusers config, every constructor key explicit
@@ -33,6 +40,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_METADATA_KEY = "config"
 MARKER_METADATA_KEY = "latentvae_layout"
 _DIFFUSERS_ONLY_KEYS = ("_name_or_path",)
+EXPORTABLE_CLASSES = ("AutoencoderKL", "VQModel")
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -53,7 +61,7 @@ def model_config(model: torch.nn.Module) -> dict:
     """The model's full diffusers config, with every constructor argument stated explicitly.
 
     Args:
-        model: an `AutoencoderKL` (ours or diffusers').
+        model: an `AutoencoderKL` or `VQModel` (ours or diffusers').
 
     Returns:
         A JSON-ready dict: `_class_name`, `_diffusers_version` and one entry per constructor argument. Arguments
@@ -75,10 +83,10 @@ def _cpu_contiguous(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def save_diffusers(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Write `config.json` and `diffusion_pytorch_model.safetensors`, loadable by `AutoencoderKL.from_pretrained`.
+    """Write `config.json` and `diffusion_pytorch_model.safetensors`, for the model class's `from_pretrained`.
 
     Args:
-        model: the `AutoencoderKL` to save, in the dtype it should be stored in.
+        model: the `AutoencoderKL` or `VQModel` to save, in the dtype it should be stored in.
         out_dir: destination folder, created if missing.
 
     Returns:
@@ -99,7 +107,7 @@ def save_ldm(
     """Write one `.safetensors` file in the original Stable Diffusion (ldm) key layout.
 
     Args:
-        model: the `AutoencoderKL` to save.
+        model: the `AutoencoderKL` or `VQModel` to save.
         path: the file to write (its folder is created if missing).
         metadata: extra safetensors metadata strings; "config" and "latentvae_layout" are reserved.
 
@@ -139,12 +147,13 @@ def export_vae(
     ldm_filename: str | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Export an `AutoencoderKL` for diffusers and for the original Stable Diffusion tools.
+    """Export an `AutoencoderKL` or `VQModel` for diffusers and for the original (ldm) tools.
 
     Writes `out_dir/config.json` + `out_dir/diffusion_pytorch_model.safetensors` (for
-    `diffusers.AutoencoderKL.from_pretrained(out_dir)`) and beside them one ldm-layout single file, by default
+    `diffusers.AutoencoderKL.from_pretrained(out_dir)`, or `diffusers.VQModel.from_pretrained(out_dir)`) and beside
+    them one ldm-layout single file (for a VQ model: latent-diffusion's layout, see the module docstring), by default
     named after the folder (`runs/faces-vae` -> `faces-vae.safetensors`), whose safetensors metadata holds the
-    config as JSON under "config". An SD-shaped VAE file loads with
+    config as JSON under "config". An SD-shaped KL file loads with
     `diffusers.AutoencoderKL.from_single_file(file, config=out_dir)`, in AUTOMATIC1111 and in ComfyUI.
     Exporting again into the same folder replaces the earlier ldm file(s) we wrote there, whatever their name.
 
@@ -158,8 +167,8 @@ def export_vae(
         The path of the ldm single file (its parent is `out_dir`).
     """
     type_name = type(model).__name__
-    if type_name != "AutoencoderKL":
-        raise TypeError(f"export_vae writes AutoencoderKL models; got {type_name}.")
+    if type_name not in EXPORTABLE_CLASSES:
+        raise TypeError(f"export_vae writes {' and '.join(EXPORTABLE_CLASSES)} models; got {type_name}.")
     out = Path(out_dir).resolve()
     name = ldm_filename or f"{out.name}.safetensors"
     if not name.endswith(".safetensors") or Path(name).name != name or name == WEIGHTS_NAME:

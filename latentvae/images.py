@@ -65,7 +65,8 @@ class BadImageError(ValueError):
         self.reason = reason
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
+    """The `BadImageError.reason` for an exception raised while opening or decoding an image (or a shard)."""
     if isinstance(exc, Image.DecompressionBombError):
         return "too_large"
     if isinstance(exc, FileNotFoundError):
@@ -74,8 +75,9 @@ def _reason(exc: BaseException) -> str:
         return "unreadable"
     if isinstance(exc, UnidentifiedImageError):
         return "not_an_image"
-    # PIL reports a short file as OSError("image file is truncated ...") or "Truncated File Read".
-    if isinstance(exc, EOFError) or "truncated" in str(exc).lower():
+    # PIL reports a short file as OSError("image file is truncated ...") or "Truncated File Read";
+    # tarfile reports a cut-off archive as "unexpected end of data".
+    if isinstance(exc, EOFError) or any(word in str(exc).lower() for word in ("truncated", "unexpected end")):
         return "truncated"
     return "corrupt"
 
@@ -87,7 +89,7 @@ def _as_bad_image(name: str) -> Iterator[None]:
     except BadImageError:
         raise
     except Exception as exc:  # decoders of broken files raise almost anything; none of it may stop a run
-        raise BadImageError(name, _reason(exc), str(exc) or type(exc).__name__) from exc
+        raise BadImageError(name, failure_reason(exc), str(exc) or type(exc).__name__) from exc
 
 
 def _open(source: ImageSource) -> Image.Image:
@@ -239,6 +241,35 @@ class SkipLog:
             return "no images skipped"
         kinds = ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in self.counts().items())
         return f"{len(self.reasons)} image{'s' * (len(self.reasons) != 1)} skipped ({kinds})"
+
+
+class TooManyBadImagesError(ValueError):
+    """More of the data is broken than the run allows (`--max_bad_fraction`): raised early, with the list."""
+
+
+def too_many_bad_images(
+    bad: dict[str, str], tried: int, max_fraction: float, where: str, shown: int = 50
+) -> TooManyBadImagesError | None:
+    """The error to raise when more than `max_fraction` of `tried` images failed, else None.
+
+    Args:
+        bad: `{name: reason}` of the images that failed (e.g. `SkipLog.reasons`).
+        tried: How many images were tried, the failed ones included.
+        max_fraction: The largest acceptable fraction of failures, in [0, 1].
+        where: What was read, for the message (a folder, a shard pattern).
+        shown: How many names the message lists (each one was also named in its own warning).
+    """
+    if tried == 0 or len(bad) / tried <= max_fraction:
+        return None
+    log = SkipLog()
+    log.merge(bad.items())
+    listing = "\n".join(f"  {name}: {reason.replace('_', ' ')}" for name, reason in list(bad.items())[:shown])
+    more = f"\n  ... and {len(bad) - shown} more (each named in a warning above)" if len(bad) > shown else ""
+    return TooManyBadImagesError(
+        f"{len(bad)} of {tried} images in {where} ({100 * len(bad) / tried:.1f} %) cannot be used, more than "
+        f"--max_bad_fraction {max_fraction:g} allows: {log.summary()}.\n{listing}{more}\n"
+        "Repair or remove these files, or raise --max_bad_fraction if losing them is acceptable."
+    )
 
 
 class ImageDataset(torch.utils.data.Dataset):

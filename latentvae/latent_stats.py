@@ -11,7 +11,7 @@ from torch import Tensor
 
 @dataclass
 class LatentStats:
-    """Statistics of posterior samples z ~ q(z|x) over a set of images."""
+    """Statistics of posterior samples z ~ q(z|x) (a VQ model: encoder outputs before quantisation) over images."""
 
     num_images: int
     std: float  # over all latent elements
@@ -34,7 +34,7 @@ def measure_latent_stats(
     Sums are kept in float64 so a few hundred images of 64x64x4 latents lose no precision.
 
     Args:
-        vae: an AutoencoderKL (ours or diffusers').
+        vae: an AutoencoderKL or VQModel (ours or diffusers').
         batches: image tensors (B, 3, H, W) in [-1, 1].
         generator: RNG for the posterior samples.
     """
@@ -43,7 +43,12 @@ def measure_latent_stats(
     total = total_sq = None
     for images in batches:
         images = images.to(device=vae.device, dtype=vae.dtype)
-        z = vae.encode(images).latent_dist.sample(generator=generator).double()
+        encoded = vae.encode(images)
+        # KL: a posterior sample; VQ: the latents before quantisation, which LDM's diffusion models are trained on.
+        if hasattr(encoded, "latent_dist"):
+            z = encoded.latent_dist.sample(generator=generator).double()
+        else:
+            z = encoded.latents.double()
         per_channel = z.transpose(0, 1).flatten(1)  # (C, B*H*W)
         total = per_channel.sum(1) if total is None else total + per_channel.sum(1)
         total_sq = per_channel.square().sum(1) if total_sq is None else total_sq + per_channel.square().sum(1)

@@ -15,7 +15,9 @@ Accepted (the first match wins):
   `torch.load(weights_only=True)`; a top-level "state_dict" entry (Lightning / CompVis checkpoints) is unwrapped.
 
 The config comes from the safetensors metadata ("config", as `export_vae` writes it), else a VAE `config.json`
-in the same folder, else it is inferred from the tensor shapes (`latentvae.convert.infer_config`).
+in the same folder, else it is inferred from the tensor shapes (`latentvae.convert.infer_config`). Its
+`_class_name` picks the model: `AutoencoderKL`, or `VQModel` (also inferred when the tensors hold a codebook,
+`quantize.embedding.weight`, e.g. a CompVis latent-diffusion vq-f4 checkpoint).
 """
 
 from __future__ import annotations
@@ -99,9 +101,15 @@ def _autoencoder_kl() -> type:
     return AutoencoderKL
 
 
-# `_class_name` -> the class to build. VQModel joins here when the VQ autoencoder lands; everything else in this
-# file is layout-agnostic except the key conversion, which is KL-specific (`to_diffusers_layout`).
-MODEL_CLASSES: dict[str, Callable[[], type]] = {"AutoencoderKL": _autoencoder_kl}
+def _vq_model() -> type:
+    from latentvae.vq_model import VQModel
+
+    return VQModel
+
+
+# `_class_name` -> the class to build (imported on use: the model modules import diffusers' model code). The key
+# conversion (`to_diffusers_layout`) and shape inference (`infer_config`) serve both kinds.
+MODEL_CLASSES: dict[str, Callable[[], type]] = {"AutoencoderKL": _autoencoder_kl, "VQModel": _vq_model}
 
 
 def _read_json(path: Path) -> dict:
@@ -265,8 +273,11 @@ def build_vae(
             f"{vae_file.path}: config _class_name {class_name!r} is not supported; supported: {sorted(MODEL_CLASSES)}."
         )
     # Build on the meta device (no memory, no random init) and adopt the file's tensors with assign=True.
-    with torch.device("meta"):
-        model = MODEL_CLASSES[class_name]().from_config(vae_file.config)
+    try:
+        with torch.device("meta"):
+            model = MODEL_CLASSES[class_name]().from_config(vae_file.config)
+    except ValueError as err:  # a config this package cannot build (block types, norm_type)
+        raise VAEFileError(f"{vae_file.path}: cannot build its {class_name}: {err}") from err
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in vae_file.state_dict.items()}
     missing = sorted(expected.keys() - given.keys())
@@ -301,7 +312,7 @@ def load_vae(
         dtype: parameter dtype (default float32).
 
     Returns:
-        A `latentvae.AutoencoderKL` in eval mode.
+        A `latentvae.AutoencoderKL` or `latentvae.VQModel` (as the config's `_class_name` says) in eval mode.
 
     Raises:
         FileNotFoundError: nothing at `path`, or no weights in the folder.

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from torch import Tensor
 
 from latentvae.latent_stats import LatentStats
 
@@ -56,6 +58,7 @@ class ModelResult:
     latent_shape: list[int] | None = None  # (C, h, w) of the first image
     latent_stats: LatentStats | None = None
     config_scaling_factor: float | None = None
+    code_counts: np.ndarray | None = None  # VQ models: how often each code was chosen, over all images
     worst: list[Example] = field(default_factory=list)
     best: list[Example] = field(default_factory=list)
     shared: dict[int, Example] = field(default_factory=dict)  # the side-by-side grid's images, by position
@@ -65,6 +68,11 @@ class ModelResult:
         self.images.extend(names)
         for metric, values in scores.items():
             self.scores.setdefault(metric, []).extend(values)
+
+    def add_codes(self, indices: Tensor, codebook_size: int) -> None:
+        """Count the codebook indices a VQ model chose for a batch."""
+        counts = torch.bincount(indices.flatten().cpu(), minlength=codebook_size).numpy()
+        self.code_counts = counts if self.code_counts is None else self.code_counts + counts
 
     def offer_example(self, example: Example, count: int, shared: bool) -> None:
         """Keep `example` if it is among the `count` worst or best by PSNR so far, or drawn side by side."""
@@ -99,9 +107,24 @@ class ModelResult:
             latent_channel_std=stats.channel_std if stats else None,
             suggested_scaling_factor=stats.scaling_factor if stats else None,
             config_scaling_factor=self.config_scaling_factor,
+            **self._codebook_summary(),
             notes=self.notes,
         )
         return out
+
+    def _codebook_summary(self) -> dict[str, Any]:
+        """codebook_size, codes_used, codebook_usage (fraction chosen at least once), codebook_perplexity (exp of
+        the code histogram's entropy: the number of equally used codes with the same spread); None for KL models."""
+        counts = self.code_counts
+        if counts is None:
+            return dict(codebook_size=None, codes_used=None, codebook_usage=None, codebook_perplexity=None)
+        probs = counts[counts > 0] / counts.sum()
+        return dict(
+            codebook_size=len(counts),
+            codes_used=int((counts > 0).sum()),
+            codebook_usage=float((counts > 0).mean()),
+            codebook_perplexity=float(np.exp(-(probs * np.log(probs)).sum())),  # exp(-sum p log p)
+        )
 
 
 def describe_protocol(
@@ -118,7 +141,8 @@ def describe_protocol(
             else "RGB uint8 at native size, reflect-padded at the bottom and right to a multiple of each model's "
             "downsampling factor, reconstructions cropped back"
         ),
-        "latents": f"posterior sample (seed {seed})" if settings.sample_posterior else "posterior mode",
+        "latents": (f"posterior sample (seed {seed})" if settings.sample_posterior else "posterior mode")
+        + " of KL models; nearest codebook vectors of VQ models' encoder output",
         "output": "decoded, clamped to [-1, 1], uint8 = round((x + 1) * 127.5)",
         "psnr": "per image on uint8 RGB, MAX 255; mean and (population) standard deviation over the images with "
         'finite PSNR; identical reconstructions have infinite PSNR, counted in psnr_infinite and written "inf"',
@@ -137,6 +161,9 @@ def describe_protocol(
         f"from {memory_kind or 'nothing: not measured on this device'}",
         "latent_stats": f"posterior samples (seed {seed}) of all evaluated images (latentvae.latent_stats); "
         "suggested scaling factor = 1 / std over all latent elements",
+        "codebook": "VQ models: the encoder output is replaced by its nearest codebook vectors before decoding; "
+        "usage = fraction of the codebook chosen at least once over all latent positions of all evaluated images, "
+        "perplexity = exp(entropy) of that code histogram",
         "device": f"{settings.device}, {str(settings.dtype).removeprefix('torch.')}",
     }
 
@@ -235,6 +262,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def comparison_table(summaries: list[dict[str, Any]]) -> str:
     """The models side by side, best value per ranked column in bold (when two or more models have one)."""
     titles = [title for title, *_ in RANKED_COLUMNS]
+    with_codebook = any(s["codebook_size"] is not None for s in summaries)
     header = [
         "Model",
         "Images",
@@ -242,6 +270,7 @@ def comparison_table(summaries: list[dict[str, Any]]) -> str:
         "Params (M)",
         "Latent",
         "Compression",
+        *(["Codebook usage (perplexity)"] if with_codebook else []),
         "Scaling factor (suggested / config)",
     ]
     best = {}
@@ -260,11 +289,20 @@ def comparison_table(summaries: list[dict[str, Any]]) -> str:
             row.append(cell)
         latent = "×".join(map(str, s["latent_shape"])) if s["latent_shape"] else "–"
         row += [f"{s['parameters']['total'] / 1e6:.2f}", latent, _number(s["compression_factor"], "{:.0f}x")]
+        if with_codebook:
+            row.append(_codebook_cell(s))
         row.append(
             f"{_number(s['suggested_scaling_factor'], '{:.4f}')} / {_number(s['config_scaling_factor'], '{:.5g}')}"
         )
         rows.append(row)
     return _table(header, rows)
+
+
+def _codebook_cell(summary: dict[str, Any]) -> str:
+    if summary["codebook_size"] is None:
+        return "–"
+    usage, size = summary["codebook_usage"], summary["codebook_size"]
+    return f"{100 * usage:.1f}% of {size} ({summary['codebook_perplexity']:.1f})"
 
 
 def render_report(evaluation: Evaluation, summaries: list[dict[str, Any]], written: dict[str, Path]) -> str:
@@ -277,7 +315,14 @@ def render_report(evaluation: Evaluation, summaries: list[dict[str, Any]], writt
         comparison_table(summaries),
         "PSNR, SSIM, LPIPS: mean ± standard deviation over images. Params: encoder + decoder. Compression: values "
         "in an image per value in its latent (3 f² / C). Latent: C×h×w of the first image. Scaling factor: 1 / std of posterior samples of these "
-        "images, next to the one in the model's config.",
+        "images, next to the one in the model's config."
+        + (
+            " Codebook usage (VQ models): share of the codes chosen at least once over all latent positions of "
+            "these images; in brackets the perplexity, exp(entropy) of the code histogram, i.e. the number of "
+            "equally often used codes that would spread as widely."
+            if any(s["codebook_size"] is not None for s in summaries)
+            else ""
+        ),
     ]
     computed = (
         "computed here" if any(s["rfid"] is not None for s in summaries) else "when computed (see Skipped)"

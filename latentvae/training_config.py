@@ -20,12 +20,19 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class TrainConfig:
     # -- model --
+    model: str = _f(
+        "kl",
+        "Autoencoder kind: kl (AutoencoderKL, Gaussian latent) or vq (VQModel, codebook latent).",
+        choices=("kl", "vq"),
+    )
     pretrained_model_name_or_path: str | None = _f(
         None, "Start from this VAE (any path latentvae.load_vae reads: diffusers folder, .safetensors, SD checkpoint).",
         aliases=("--init_from",),
     )  # fmt: skip
     model_preset: str = _f(
-        "sd-kl-f8", "Architecture to build from scratch when no pretrained model is given."
+        "sd-kl-f8",
+        "Architecture to build from scratch when no pretrained model is given: a name in latentvae.PRESETS "
+        "(--model kl) or latentvae.VQ_PRESETS (--model vq).",
     )
     decoder_only: bool = _f(
         False, "Freeze the encoder (and quant_conv): fine-tune the decoder only, as Stability did."
@@ -51,6 +58,17 @@ class TrainConfig:
         None,
         "Resize the shorter side to this before cropping (default: --resolution); larger = detail crops.",
     )
+    train_shards: str | None = _f(
+        None,
+        "WebDataset tar shards to stream instead of a folder, e.g. 'data/shard-{000000..000099}.tar' (local paths, "
+        "URLs or pipe: commands); write them with `latentvae make-shards`. Needs --max_train_steps.",
+    )
+    shuffle_buffer: int = _f(
+        1000, "Shards: samples shuffled together (whole shards are read until the buffer holds this many)."
+    )
+    max_bad_fraction: float = _f(
+        0.1, "Stop with the list of files if more than this fraction of the images is broken (checked early)."
+    )
     cache_images: bool = _f(
         False, "Keep decoded, resized images in memory (small datasets: no decoding per step)."
     )
@@ -73,6 +91,11 @@ class TrainConfig:
     adam_weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_epsilon: float = _f(1e-8, "Adam epsilon.")
     max_grad_norm: float = _f(1.0, "Clip gradient norm to this (0 = no clipping).")
+    max_nonfinite_steps: int = _f(
+        10,
+        "A step whose loss or gradient is NaN/inf is skipped and logged; stop with an error after more than "
+        "this many in a row.",
+    )
     mixed_precision: str | None = _f(None, "no, fp16 or bf16; default: what `accelerate config` chose.")
     seed: int = _f(0, "Random seed (model init, data order, augmentation, posterior noise).")
     # -- losses --
@@ -94,6 +117,24 @@ class TrainConfig:
     learn_logvar: bool = _f(
         False, "Learn a scalar output log-variance: nll = rec / exp(logvar) + logvar (LDM)."
     )
+    codebook_weight: float = _f(
+        1.0,
+        "VQ: weight of the quantiser loss (codebook + beta x commitment), balanced against the NLL as in LDM.",
+    )
+    commitment_beta: float = _f(0.25, "VQ: beta, the weight of the commitment loss.")
+    legacy_vq_loss: bool = _f(
+        False, "VQ: taming/diffusers weighting: beta on the codebook term instead of the commitment term."
+    )
+    codebook_ema_decay: float = _f(
+        0.0,
+        "VQ: move codes by an EMA of their encoder outputs with this decay, not by the codebook loss (0 = loss).",
+    )
+    codebook_restart_steps: int = _f(
+        0, "VQ: re-seed codes unused for this many batches from the batch's encoder outputs (0 = never)."
+    )
+    codebook_usage_window: int = _f(
+        100, "VQ: batches over which the logged codebook usage counts a code as used."
+    )
     disc_start: int = _f(50001, "Step at which the PatchGAN discriminator joins.")
     disc_weight: float = _f(0.5, "Weight of the adversarial term (times the adaptive weight).")
     disc_learning_rate: float | None = _f(None, "Discriminator learning rate (default: the autoencoder's).")
@@ -114,6 +155,17 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+# Fields that only a VQ model uses, and those that only a KL model uses: setting one for the other kind is an error.
+VQ_ONLY = (
+    "codebook_weight",
+    "commitment_beta",
+    "legacy_vq_loss",
+    "codebook_ema_decay",
+    "codebook_restart_steps",
+    "codebook_usage_window",
+)
+KL_ONLY = ("kl_weight",)
 
 # Named recipes: overrides of the defaults above (which are the SD kl-f8 recipe itself).
 RECIPES: dict[str, dict[str, Any]] = {
@@ -143,6 +195,18 @@ RECIPES: dict[str, dict[str, Any]] = {
         scaling_factor_images=64,
         output_dir="outputs/quickstart",
     ),
+    # LDM's vq-f4 first stage (models/first_stage_models/vq-f4/config.yaml): taming's VQLPIPSWithDiscriminator
+    # with L1 + LPIPS, codebook weight 1.0, discriminator weight 0.75 from step 0, base lr 4.5e-6 per image.
+    "vq-f4": dict(model="vq", model_preset="vq-f4", recon_loss="l1", disc_start=0, disc_weight=0.75),
+}
+# The CPU quickstart, for the tiny VQ model: dead codes are restarted so that the codebook is used.
+RECIPES["vq-quickstart"] = {
+    **RECIPES["quickstart"],
+    "model": "vq",
+    "model_preset": "tiny-vq-f4",
+    "codebook_restart_steps": 50,
+    "codebook_usage_window": 50,
+    "output_dir": "outputs/vq-quickstart",
 }
 
 
@@ -204,4 +268,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     unknown = set(values) - {f.name for f in fields(TrainConfig)}
     if unknown:
         raise SystemExit(f"unknown config fields {sorted(unknown)} (from --config {args.config})")
-    return TrainConfig(**values), explicit
+    config = TrainConfig(**values)
+    other = KL_ONLY if config.model == "vq" else VQ_ONLY
+    if misplaced := sorted(set(values) & set(other)):
+        kind = "kl" if config.model == "vq" else "vq"
+        raise SystemExit(f"only --model {kind} uses {', '.join('--' + n for n in misplaced)}")
+    return config, explicit

@@ -7,13 +7,14 @@ pixels come from the formats' definitions (EXIF orientation table, CMYK and alph
 import logging
 import os
 import resource
-import struct
-import zlib
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bad_data_zoo import handmade_png, permissions_enforced, random_rgb, run_as_nobody, save_rgb, write_broken
 from PIL import Image
 
 from latentvae.data import (
@@ -34,43 +35,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture
-def permissions_enforced(tmp_path):
-    """Skip where a mode-0 file stays readable (root with CAP_DAC_OVERRIDE, some file systems)."""
-    probe = tmp_path / "probe"
-    probe.write_bytes(b"x")
-    probe.chmod(0)
-    try:
-        probe.read_bytes()
-    except PermissionError:
-        return
-    finally:
-        probe.unlink()
-    pytest.skip("permissions are not enforced for this user")
-
-
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def _handmade_png(width: int, height: int, bit_depth: int, color_type: int, rows: bytes = b"") -> bytes:
-    """A PNG written from the specification, independent of PIL (colour type 2 = RGB, 0 = gray)."""
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(rows))
-        + _png_chunk(b"IEND", b"")
-    )
-
-
-def _random_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def _save_rgb(path: Path, height: int = 24, width: int = 32, seed: int = 0) -> np.ndarray:
-    pixels = _random_rgb(height, width, seed)
-    Image.fromarray(pixels).save(path)
-    return pixels
+def unprivileged():
+    """A folder, and a runner in which permission bits apply: directly where they bind this user, else (root
+    bypasses them) in a child process running as `nobody`. The folder is world-readable so that `nobody` meets
+    exactly the permissions a test sets."""
+    folder = Path(tempfile.mkdtemp(prefix="latentvae-permissions-"))
+    folder.chmod(0o755)
+    if permissions_enforced(folder):
+        runner = lambda fn, *args: fn(*args)  # noqa: E731
+    elif os.geteuid() == 0:
+        runner = run_as_nobody
+    else:
+        pytest.skip("permissions are not enforced for this user, who cannot switch to another")
+    yield folder, runner
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755)
+    shutil.rmtree(folder)
 
 
 # ---------------------------------------------------------------- decoding to 8-bit RGB
@@ -142,7 +122,7 @@ def test_16bit_rgb_png_and_tiffs(tmp_path):
     ramp = np.linspace(0, 65535, 64).round().astype(np.uint16)
     rgb16 = np.stack([ramp, ramp[::-1], np.full_like(ramp, 32896)], -1)[None]  # 1 x 64 x 3
     rows = b"\x00" + rgb16.astype(">u2").tobytes()  # filter byte 0, big-endian samples
-    (tmp_path / "rgb16.png").write_bytes(_handmade_png(64, 1, 16, 2, rows))
+    (tmp_path / "rgb16.png").write_bytes(handmade_png(64, 1, 16, 2, rows))
     tifffile.imwrite(tmp_path / "rgb16.tif", rgb16)
     tifffile.imwrite(tmp_path / "gray16.tif", ramp[None])
     tifffile.imwrite(tmp_path / "float.tif", (ramp[None] / 65535).astype(np.float32))
@@ -184,7 +164,7 @@ def test_exif_orientation_applied(tmp_path, orientation):
 
 
 def test_bytes_source_decodes_like_a_file(tmp_path):
-    pixels = _save_rgb(tmp_path / "a.png")
+    pixels = save_rgb(tmp_path / "a.png")
     out = load_rgb(ImageBytes("row[0]", (tmp_path / "a.png").read_bytes()))
     assert (np.asarray(out) == pixels).all()
 
@@ -192,29 +172,8 @@ def test_bytes_source_decodes_like_a_file(tmp_path):
 # ---------------------------------------------------------------- broken files
 
 
-def _write_broken(folder: Path) -> dict[str, str]:
-    """One file per kind of breakage; returns {file name: expected reason}."""
-    _save_rgb(folder / "source.jpg", 64, 64, seed=1)
-    _save_rgb(folder / "source.png", 64, 64, seed=2)
-    jpeg, png = (folder / "source.jpg").read_bytes(), (folder / "source.png").read_bytes()
-    (folder / "source.jpg").unlink()
-    (folder / "source.png").unlink()
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "notes.png").write_text("this is text, not a picture\n")
-    (folder / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
-    (folder / "cut.png").write_bytes(png[: len(png) // 2])
-    (folder / "bomb.png").write_bytes(_handmade_png(60000, 60000, 8, 2, b"\x00" * 100))
-    return {
-        "empty.png": "empty",
-        "notes.png": "not_an_image",
-        "cut.jpg": "truncated",
-        "cut.png": "truncated",
-        "bomb.png": "too_large",
-    }
-
-
 def test_each_broken_file_raises_with_its_reason(tmp_path):
-    for name, reason in _write_broken(tmp_path).items():
+    for name, reason in write_broken(tmp_path).items():
         with pytest.raises(BadImageError) as caught:
             load_rgb(tmp_path / name)
         assert caught.value.reason == reason and caught.value.name == str(tmp_path / name)
@@ -226,7 +185,7 @@ def test_each_broken_file_raises_with_its_reason(tmp_path):
 
 
 def test_decompression_bomb_rejected_without_allocating(tmp_path, monkeypatch):
-    (tmp_path / "bomb.png").write_bytes(_handmade_png(60000, 60000, 8, 2, b"\x00" * 100))  # 10.8 GB as RGB
+    (tmp_path / "bomb.png").write_bytes(handmade_png(60000, 60000, 8, 2, b"\x00" * 100))  # 10.8 GB as RGB
     before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for check in (probe_image, load_rgb):
         with pytest.raises(BadImageError) as caught:
@@ -235,29 +194,38 @@ def test_decompression_bomb_rejected_without_allocating(tmp_path, monkeypatch):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib < 200 * 1024  # < 200 MiB
 
     # Between 1x and 2x the limit PIL only warns; that is refused as well.
-    (tmp_path / "big.png").write_bytes(_handmade_png(10000, 10000, 8, 0, b"\x00" * 100))
+    (tmp_path / "big.png").write_bytes(handmade_png(10000, 10000, 8, 0, b"\x00" * 100))
     assert 10000 * 10000 > Image.MAX_IMAGE_PIXELS
     with pytest.raises(BadImageError, match="too large"):
         probe_image(tmp_path / "big.png")
     # The limit is PIL's own setting, so users can raise or lower it.
-    _save_rgb(tmp_path / "small.png", 24, 32)
+    save_rgb(tmp_path / "small.png", 24, 32)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 24 * 32 - 1)
     with pytest.raises(BadImageError, match="too large"):
         load_rgb(tmp_path / "small.png")
 
 
-def test_unreadable_file_reported(tmp_path, permissions_enforced):
-    _save_rgb(tmp_path / "locked.png")
-    (tmp_path / "locked.png").chmod(0)
-    with pytest.raises(BadImageError) as caught:
-        load_rgb(tmp_path / "locked.png")
-    assert caught.value.reason == "unreadable"
+def _failure_reason(path: Path) -> str | None:
+    try:
+        load_rgb(path)
+    except BadImageError as exc:
+        return exc.reason
+    return None
+
+
+def test_unreadable_file_reported(unprivileged):
+    folder, run = unprivileged
+    save_rgb(folder / "locked.png")
+    save_rgb(folder / "open.png")
+    (folder / "locked.png").chmod(0)
+    assert run(_failure_reason, folder / "locked.png") == "unreadable"
+    assert run(_failure_reason, folder / "open.png") is None  # the same user reads an ordinary file
 
 
 def test_broken_files_skipped_counted_and_warned_once(tmp_path, caplog):
-    expected = _write_broken(tmp_path)
-    good = {f"good{i}.png": _save_rgb(tmp_path / f"good{i}.png", 16, 16, seed=10 + i) for i in range(3)}
-    data = load_image_data(train_data_dir=tmp_path, val_count=0)
+    expected = write_broken(tmp_path)
+    good = {f"good{i}.png": save_rgb(tmp_path / f"good{i}.png", 16, 16, seed=10 + i) for i in range(3)}
+    data = load_image_data(train_data_dir=tmp_path, val_count=0, max_bad_fraction=1.0)
     # The header scan catches all but the truncated JPEG, whose header is intact.
     assert {Path(name).name: reason for name, reason in data.skip_log.reasons.items()} == {
         name: reason for name, reason in expected.items() if name != "cut.jpg"
@@ -277,10 +245,29 @@ def test_broken_files_skipped_counted_and_warned_once(tmp_path, caplog):
     assert data.skip_log.summary().startswith("5 images skipped (2 truncated")
 
 
+def test_more_broken_files_than_allowed_is_an_early_error_with_the_list(tmp_path):
+    expected = write_broken(tmp_path)  # 5 files, 4 of them caught by the header scan
+    for i in range(36):
+        save_rgb(tmp_path / f"good{i:02d}.png", 8, 8, seed=i)
+    # 4 of 41 files (9.8 %) are within the default 10 %.
+    assert len(load_image_data(train_data_dir=tmp_path, val_count=0).skip_log) == 4
+    (tmp_path / "good00.png").write_bytes(b"")  # 5 of 41 (12.2 %): too many
+    with pytest.raises(ValueError, match=r"5 of 41 images .*12\.2 %.*--max_bad_fraction 0\.1") as caught:
+        load_image_data(train_data_dir=tmp_path, val_count=0)
+    message = str(caught.value)
+    for name, reason in {**expected, "good00.png": "empty"}.items():
+        if name != "cut.jpg":
+            assert f"{tmp_path / name}: {reason.replace('_', ' ')}" in message
+    assert "2 empty" in message  # the counts by reason
+    assert len(load_image_data(train_data_dir=tmp_path, val_count=0, max_bad_fraction=0.2).skip_log) == 5
+    with pytest.raises(ValueError, match="max_bad_fraction must be in"):
+        load_image_data(train_data_dir=tmp_path, max_bad_fraction=1.5)
+
+
 def test_skips_reach_the_main_process_from_workers(tmp_path):
     for i in range(4):
-        _save_rgb(tmp_path / f"good{i}.png", 16, 16, seed=i)
-    _save_rgb(tmp_path / "x.jpg", 64, 64)
+        save_rgb(tmp_path / f"good{i}.png", 16, 16, seed=i)
+    save_rgb(tmp_path / "x.jpg", 64, 64)
     jpeg = (tmp_path / "x.jpg").read_bytes()
     (tmp_path / "x.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     files, bad = validate_images(find_images(tmp_path))
@@ -334,24 +321,33 @@ def test_find_images_follows_links_and_ends_on_loops(tmp_path):
     assert found == ["linked/y.png", "sub/x.png"]
 
 
-def test_unreadable_folder_skipped_with_warning(tmp_path, caplog, permissions_enforced):
-    (tmp_path / "locked").mkdir()
-    (tmp_path / "locked" / "a.png").write_bytes(b"x")
-    (tmp_path / "b.png").write_bytes(b"x")
-    (tmp_path / "locked").chmod(0)
+def _find_with_warnings(folder: Path) -> tuple[list[Path], list[str]]:
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("latentvae").addHandler(handler)
     try:
-        with caplog.at_level(logging.WARNING, logger="latentvae"):
-            assert find_images(tmp_path) == [tmp_path / "b.png"]
+        return find_images(folder), records
     finally:
-        (tmp_path / "locked").chmod(0o755)
-    assert "locked" in caplog.text
+        logging.getLogger("latentvae").removeHandler(handler)
+
+
+def test_unreadable_folder_skipped_with_warning(unprivileged):
+    folder, run = unprivileged
+    (folder / "locked").mkdir()
+    (folder / "locked" / "a.png").write_bytes(b"x")
+    (folder / "b.png").write_bytes(b"x")
+    (folder / "locked").chmod(0)
+    found, warnings = run(_find_with_warnings, folder)
+    assert found == [folder / "b.png"]
+    assert len(warnings) == 1 and "locked" in warnings[0]
 
 
 # ---------------------------------------------------------------- the crop dataset
 
 
 def test_output_shape_range_and_exact_center_crop(tmp_path):
-    pixels = _save_rgb(tmp_path / "a.png", 48, 32)  # shorter side already 32: no resampling
+    pixels = save_rgb(tmp_path / "a.png", 48, 32)  # shorter side already 32: no resampling
     sample = ImageDataset([tmp_path / "a.png"], 32, train=False)[0]
     values = sample["pixel_values"]
     assert values.shape == (3, 32, 32) and values.dtype == torch.float32
@@ -383,7 +379,7 @@ def test_downscaling_is_antialiased(tmp_path):
 
 
 def test_train_crops_reproducible_valid_and_flipped(tmp_path):
-    pixels = _save_rgb(tmp_path / "a.png", 20, 30)
+    pixels = save_rgb(tmp_path / "a.png", 20, 30)
     dataset = ImageDataset([tmp_path / "a.png"], 12, train=True)
     resized = np.asarray(Image.fromarray(pixels).resize((18, 12), Image.Resampling.BICUBIC))
     windows = {}
@@ -407,7 +403,7 @@ def test_train_crops_reproducible_valid_and_flipped(tmp_path):
 
 
 def test_validation_crop_is_deterministic(tmp_path):
-    _save_rgb(tmp_path / "a.png", 40, 70)
+    save_rgb(tmp_path / "a.png", 40, 70)
     dataset = ImageDataset([tmp_path / "a.png"], 16, train=False)
     torch.manual_seed(1)
     first = dataset[0]["pixel_values"]
@@ -453,8 +449,8 @@ def test_separate_validation_folder(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "val").mkdir()
     for i in range(3):
-        _save_rgb(tmp_path / "train" / f"{i}.png")
-    _save_rgb(tmp_path / "val" / "v.png")
+        save_rgb(tmp_path / "train" / f"{i}.png")
+    save_rgb(tmp_path / "val" / "v.png")
     data = load_image_data(train_data_dir=tmp_path / "train", val_data_dir=tmp_path / "val")
     assert isinstance(data, ImageData) and len(data.train) == 3
     assert data.val_names == [str(tmp_path / "val" / "v.png")]
@@ -471,10 +467,10 @@ def _hf_dataset(tmp_path: Path, images: list):
 
 
 def test_hf_dataset_from_disk_with_a_broken_row(tmp_path):
-    pictures = [_random_rgb(16 + i, 20, seed=i) for i in range(5)]
+    pictures = [random_rgb(16 + i, 20, seed=i) for i in range(5)]
     broken = {"bytes": b"definitely not an image", "path": None}
     saved = _hf_dataset(tmp_path, [Image.fromarray(p) for p in pictures[:3]] + [broken] + pictures[3:])
-    data = load_image_data(dataset_name=saved, image_column="picture", val_count=2)
+    data = load_image_data(dataset_name=saved, image_column="picture", val_count=2, max_bad_fraction=0.2)
     assert data.skip_log.reasons == {f"{saved}[3]": "not_an_image"}
     assert len(data.train) == 3 and len(data.val) == 2
     assert all(name.startswith(f"{saved}[") for name in data.val_names)
@@ -488,7 +484,7 @@ def test_hf_dataset_from_disk_with_a_broken_row(tmp_path):
 
 
 def test_hf_missing_column_lists_the_columns(tmp_path):
-    saved = _hf_dataset(tmp_path, [Image.fromarray(_random_rgb(8, 8))])
+    saved = _hf_dataset(tmp_path, [Image.fromarray(random_rgb(8, 8))])
     with pytest.raises(ValueError, match=r"no column 'image'.*\['picture', 'label'\].*--image_column"):
         load_hf_images(saved)
     with pytest.raises(ValueError, match="not images"):
@@ -498,8 +494,8 @@ def test_hf_missing_column_lists_the_columns(tmp_path):
 def test_hf_imagefolder_offline(tmp_path):
     pytest.importorskip("datasets")
     (tmp_path / "pics" / "cats").mkdir(parents=True)
-    first = _save_rgb(tmp_path / "pics" / "cats" / "a.png", 12, 12, seed=3)
-    _save_rgb(tmp_path / "pics" / "b.jpg", 12, 12, seed=4)
+    first = save_rgb(tmp_path / "pics" / "cats" / "a.png", 12, 12, seed=3)
+    save_rgb(tmp_path / "pics" / "b.jpg", 12, 12, seed=4)
     column = load_hf_images(str(tmp_path / "pics"), cache_dir=str(tmp_path / "cache"))
     assert len(column) == 2
     by_name = {Path(source).name: source for source in column}

@@ -384,8 +384,8 @@ def test_unknown_files_are_refused_clearly(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(VAEFileError, match="not a readable safetensors file"):
         load_vae(tmp_path / "broken.safetensors")
-    config = {"_class_name": "VQModel", "block_out_channels": [8]}
+    config = {"_class_name": "AutoencoderTiny", "block_out_channels": [8]}
     tensors = {"encoder.down_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}
-    save_file(tensors, tmp_path / "vq.safetensors", {"config": json.dumps(config)})
-    with pytest.raises(VAEFileError, match="'VQModel' is not supported"):
-        load_vae(tmp_path / "vq.safetensors")
+    save_file(tensors, tmp_path / "tiny.safetensors", {"config": json.dumps(config)})
+    with pytest.raises(VAEFileError, match="'AutoencoderTiny' is not supported"):
+        load_vae(tmp_path / "tiny.safetensors")

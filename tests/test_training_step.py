@@ -167,3 +167,105 @@ def test_epoch_seeded_draws_do_not_depend_on_order_or_workers_and_change_each_ep
     after = torch.rand(())
     torch.manual_seed(0)
     assert torch.equal(torch.rand(()), after)
+
+
+# -- non-finite losses and gradients --------------------------------------------------------------------------------
+
+
+def optimizer_tensors(step) -> dict[str, torch.Tensor]:
+    """Every tensor of both optimizers' states (Adam moments and step counts)."""
+    from train_helpers import tensors_in
+
+    found = tensors_in(step.optimizer.state_dict()["state"], "ae")
+    if step.disc_optimizer is not None:
+        found.update(tensors_in(step.disc_optimizer.state_dict()["state"], "d"))
+    return found
+
+
+def state_of(step) -> dict[str, torch.Tensor]:
+    critic = (
+        step.accelerator.unwrap_model(step.discriminator) if step.discriminator is not None else nn.Identity()
+    )
+    return {
+        **{f"vae.{k}": v for k, v in snapshot(step.vae).items()},
+        **{f"critic.{k}": v for k, v in snapshot(critic).items()},
+        **{k: v.clone() for k, v in optimizer_tensors(step).items()},
+    }
+
+
+def nan_batch(seed: int = 0) -> torch.Tensor:
+    images = batch(seed)
+    images[0, :, :4, :4] = float("nan")  # a few NaN pixels in one image, as a corrupt decode might give
+    return images
+
+
+def test_nonfinite_loss_skips_both_updates_and_the_next_batch_trains():
+    step = tiny_train_step()
+    step(batch(0), 0, torch.Generator().manual_seed(1))  # a good step first, so Adam has state to protect
+    assert step.skipped == [] and step.updated
+    before, lr_steps = state_of(step), step.scheduler.scheduler.last_epoch
+    logs = step(nan_batch(1), 1, torch.Generator().manual_seed(2))
+    assert not torch.isfinite(logs["loss"])
+    assert step.skipped == ["autoencoder", "discriminator"] and not step.updated
+    assert_identical(state_of(step), before)  # weights and optimizer moments / step counts untouched
+    assert step.scheduler.scheduler.last_epoch == lr_steps
+    assert all(p.grad is None for p in step.params)  # the NaN gradients were dropped, not left to accumulate
+    step(batch(2), 2, torch.Generator().manual_seed(3))
+    assert step.skipped == [] and step.updated
+    after = state_of(step)
+    assert not torch.equal(after["vae.decoder.conv_out.weight"], before["vae.decoder.conv_out.weight"])
+    assert not torch.equal(after["critic.main.0.weight"], before["critic.main.0.weight"])
+
+
+def test_infinite_gradient_with_a_finite_loss_is_skipped():
+    step = tiny_train_step(gan=False)
+    step(batch(0), 0, torch.Generator().manual_seed(1))
+    before = state_of(step)
+    weight = step.vae.decoder.conv_out.weight
+    handle = weight.register_hook(lambda grad: grad * float("inf"))
+    logs = step(batch(1), 1, torch.Generator().manual_seed(2))
+    handle.remove()
+    assert torch.isfinite(logs["loss"]) and step.skipped == ["autoencoder"]
+    assert_identical(state_of(step), before)
+
+
+def test_a_nonfinite_micro_batch_skips_the_whole_accumulated_step():
+    step = tiny_train_step(accumulation=2)
+    before = state_of(step)
+    step(nan_batch(0), 0, torch.Generator().manual_seed(1))  # micro-batch 1: NaN, nothing stepped yet
+    step(batch(1), 0, torch.Generator().manual_seed(2))  # micro-batch 2: finite, but the sum is not
+    assert step.accelerator.sync_gradients and step.skipped == ["autoencoder", "discriminator"]
+    assert_identical(state_of(step), before)
+    step(batch(2), 1, torch.Generator().manual_seed(3))
+    step(batch(3), 1, torch.Generator().manual_seed(4))
+    assert step.skipped == [] and step.updated  # the NaN was not carried into the next window
+
+
+def test_nonfinite_discriminator_gradient_skips_only_its_update():
+    step = tiny_train_step()
+    step(batch(0), 0, torch.Generator().manual_seed(1))
+    before = state_of(step)
+    critic = step.accelerator.unwrap_model(step.discriminator)
+    handle = critic.main[0].weight.register_hook(lambda grad: grad * float("nan"))
+    step(batch(1), 1, torch.Generator().manual_seed(2))
+    handle.remove()
+    assert step.skipped == ["discriminator"] and step.updated
+    after = state_of(step)
+    assert torch.equal(after["critic.main.0.weight"], before["critic.main.0.weight"])
+    assert not torch.equal(after["vae.decoder.conv_out.weight"], before["vae.decoder.conv_out.weight"])
+
+
+def test_guard_warns_with_the_files_and_stops_after_too_many_in_a_row(tmp_path, caplog):
+    from latentvae.training_step import NonFiniteGuard, NonFiniteTrainingError
+
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "training_state.json").write_text('{"global_step": 4}')
+    guard = NonFiniteGuard(2, tmp_path)
+    with caplog.at_level("WARNING"):
+        guard.update(5, ["autoencoder"], ["a.png", "b.png"])
+        guard.update(6, [], ["c.png"])  # a good step resets the count
+        guard.update(7, ["autoencoder"], ["d.png"])
+        guard.update(8, ["autoencoder", "discriminator"], ["e.png"])
+    assert "step 5" in caplog.text and "a.png, b.png" in caplog.text and "c.png" not in caplog.text
+    with pytest.raises(NonFiniteTrainingError, match=r"3 steps in a row.*step 9.*checkpoint-4"):
+        guard.update(9, ["autoencoder"], ["f.png"])

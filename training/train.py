@@ -1,21 +1,28 @@
-"""Train an SD-style KL autoencoder with Accelerate.
+"""Train an SD-style KL autoencoder (or a VQ one, `--model vq`) with Accelerate.
 
     accelerate launch training/train.py --preset quickstart          # minutes on a CPU, no data or network needed
     accelerate launch training/train.py --train_data_dir DIR         # the SD kl-f8 recipe from scratch
     accelerate launch training/train.py --pretrained_model_name_or_path vae.safetensors --decoder_only ...
+    accelerate launch training/train.py --model vq --preset vq-f4 --train_data_dir DIR   # LDM's vq-f4 recipe
+    accelerate launch training/train.py --train_shards 'shards/shard-{000000..000099}.tar' --max_train_steps N
 
 Reads top to bottom: setup, data, model and EMA, losses and optimizers, `accelerator.prepare`, resume, loop
 (one `TrainStep` per batch: autoencoder step, discriminator step; then EMA, logging, validation, checkpoints), then
 the latent scaling factor and the export to `output_dir/final/`. The step itself is `latentvae.training_step`; the
-randomness that makes a resumed run exact is `latentvae.seeding`.
+randomness that makes a resumed run exact is `latentvae.seeding`; the data (folder, dataset or streamed shards) is
+`latentvae.training_data`.
+
+What may go wrong, and what happens then: a broken image is skipped with a warning and counted (more than
+--max_bad_fraction is an error with the list); SIGTERM / SIGINT finishes the step, writes a checkpoint and exits 0
+(a second signal exits at once: `latentvae.signals`); a kill leaves the newest complete checkpoint usable
+(`latentvae.checkpointing`); a NaN/inf loss or gradient skips the step, more than --max_nonfinite_steps in a row
+stop the run.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,47 +30,70 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from latentvae import AutoencoderKL
-from latentvae.checkpointing import (
-    finalize_checkpoint,
-    prune_checkpoints,
-    read_training_state,
-    resolve_resume_path,
-    staging_dir,
-)
-from latentvae.data import load_image_data
+from latentvae import AutoencoderKL, VQModel
+from latentvae.checkpointing import latest_checkpoint, resume, resume_command, save_checkpoint
 from latentvae.discriminator import NLayerDiscriminator
 from latentvae.export import export_vae
-from latentvae.images import ImageDataset, collate_images
+from latentvae.images import ImageDataset, SkipLog, collate_images
 from latentvae.latent_stats import measure_latent_stats
 from latentvae.loading import load_vae
 from latentvae.losses import AutoencoderLoss
 from latentvae.pretrained import MissingWeightsError, build_lpips
-from latentvae.seeding import EpochSeededDataset, derived_generator
+from latentvae.seeding import derived_generator
+from latentvae.signals import PreemptionHandler
 from latentvae.training_config import TrainConfig, parse_config
-from latentvae.training_step import Reconstruction, TrainStep
+from latentvae.training_data import build_training_data
+from latentvae.training_step import NonFiniteGuard, NonFiniteTrainingError, Reconstruction, TrainStep
 from latentvae.validation import save_grid, validate
+from latentvae.vq_training import VQReconstruction, configure_vq_training
 
 logger = get_logger("latentvae.train", log_level="INFO")
 
 
-def build_vae(cfg: TrainConfig) -> AutoencoderKL:
+MODEL_CLASSES = {"kl": AutoencoderKL, "vq": VQModel}
+
+
+def build_vae(cfg: TrainConfig) -> AutoencoderKL | VQModel:
+    model_class = MODEL_CLASSES[cfg.model]
     if cfg.pretrained_model_name_or_path:
         vae = load_vae(cfg.pretrained_model_name_or_path, allow_pickle=cfg.allow_pickle)
+        if not isinstance(vae, model_class):
+            kind = next(k for k, c in MODEL_CLASSES.items() if isinstance(vae, c))
+            raise ValueError(
+                f"{cfg.pretrained_model_name_or_path} holds an {type(vae).__name__}-type model: train it with "
+                f"--model {kind}"
+            )
     else:
-        vae = AutoencoderKL.from_preset(cfg.model_preset)
+        vae = model_class.from_preset(cfg.model_preset)
     vae = vae.float()  # trainable weights stay fp32; autocast handles mixed precision
     if cfg.decoder_only:
         vae.encoder.requires_grad_(False)
         if vae.quant_conv is not None:
             vae.quant_conv.requires_grad_(False)
+    if cfg.model == "vq":  # after the freezing above: decoder-only also fixes the codebook
+        configure_vq_training(
+            vae,
+            beta=cfg.commitment_beta,
+            legacy=cfg.legacy_vq_loss,
+            ema_decay=cfg.codebook_ema_decay,
+            restart_after=cfg.codebook_restart_steps,
+            usage_window=cfg.codebook_usage_window,
+            decoder_only=cfg.decoder_only,
+            seed=cfg.seed,
+        )
     if cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     if cfg.channels_last:
@@ -108,22 +138,17 @@ def lr_for(cfg: TrainConfig, accelerator: Accelerator) -> float:
     )
 
 
-def save_checkpoint(
-    accelerator: Accelerator, cfg: TrainConfig, vae: AutoencoderKL, step: int, epoch: int
-) -> None:
-    """Every process writes its part (RNG state) into a staging folder; the main process renames it when complete."""
-    staging = staging_dir(cfg.output_dir, step)
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)  # left by a crash: start clean, no stale files from it
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        vae.save_config(staging)  # so load_vae can read the checkpoint's weights (model.safetensors) directly
-        final = finalize_checkpoint(staging, step, {"epoch": epoch, "config": cfg.to_dict()})
-        removed = prune_checkpoints(cfg.output_dir, cfg.checkpoints_total_limit)
-        logger.info(f"saved {final}" + (f"; removed {', '.join(p.name for p in removed)}" if removed else ""))
-    accelerator.wait_for_everyone()
+def checkpoint(accelerator, cfg, vae, data, step: int) -> Path:
+    """A resumable checkpoint: everything Accelerate holds, the config, and each process's data position."""
+    return save_checkpoint(
+        accelerator,
+        cfg.output_dir,
+        step,
+        {"epoch": data.batches.epoch, "config": cfg.to_dict()},
+        process_state={"data": data.batches.state_dict()},
+        model_config=vae,
+        keep=cfg.checkpoints_total_limit,
+    )
 
 
 def run_validation(accelerator, cfg, vae, ema, val_set, perceptual, step) -> dict[str, float]:
@@ -152,7 +177,8 @@ def run_validation(accelerator, cfg, vae, ema, val_set, perceptual, step) -> dic
 
 
 def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
-    """Train, export to `output_dir/final/` and return that folder."""
+    """Train and export to `output_dir/final/`; returns that folder, or the checkpoint written when a SIGTERM /
+    SIGINT stopped the run early."""
     # -- setup --------------------------------------------------------------------------------------------------
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
@@ -169,50 +195,27 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
         # (then it sets up gloo DDP), so `accelerate launch --multi_gpu --num_processes 2` works there too.
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator(),
     )
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Not yet: EMA, validation and export run on unsharded weights of the main process only, and the GAN's
+        # adaptive weight needs the decoder's last layer whole. A VAE this size trains well with DDP.
+        raise ValueError("FSDP is not supported by this script; launch with DDP (--multi_gpu) instead.")
     # Identical initial weights on every process. Crops and posterior noise do not use this global RNG: they
     # are seeded by position (latentvae.seeding), which is what makes a resumed run exact.
     set_seed(cfg.seed)
     started = time.time()
 
     # -- data, and the perceptual loss (both fail here, before any model is built) -------------------------------
-    with accelerator.main_process_first():
-        data = load_image_data(
-            train_data_dir=cfg.train_data_dir,
-            dataset_name=cfg.dataset_name,
-            image_column=cfg.image_column,
-            val_data_dir=cfg.val_data_dir,
-            seed=cfg.seed,
-        )
+    data = build_training_data(cfg, accelerator)  # a folder, a dataset or streamed shards
     logger.info(data.description, main_process_only=True)
-    logger.info(f"validation images: {', '.join(data.val_names)}", main_process_only=True)
-    crops = dict(resize_to=cfg.resize_to, cache=cfg.cache_images)
-    train_set = EpochSeededDataset(
-        ImageDataset(data.train, cfg.resolution, train=True, skip_log=data.skip_log, **crops), cfg.seed
-    )
+    crops = dict(resize_to=cfg.resize_to, cache=cfg.cache_images, skip_log=data.skip_log)
     val_images = ImageDataset(data.val, cfg.resolution, train=False, **crops)
     val_set = Subset(val_images, range(min(cfg.num_validation_images, len(val_images))))
     images_per_step = cfg.train_batch_size * accelerator.num_processes
-    if len(train_set) < images_per_step:
-        raise ValueError(
-            f"{len(train_set)} training images cannot fill one step of {cfg.train_batch_size} images x "
-            f"{accelerator.num_processes} processes; lower --train_batch_size or add images"
-        )
-    train_loader = DataLoader(
-        train_set,
-        batch_size=cfg.train_batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=cfg.dataloader_num_workers,
-        collate_fn=collate_images,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=cfg.dataloader_num_workers > 0,
-    )
-    train_loader = accelerator.prepare(train_loader)  # this process's shard
     perceptual = build_perceptual(cfg, explicit)
 
     # -- model, EMA, losses, optimizers -------------------------------------------------------------------------
     vae = build_vae(cfg)
-    model = Reconstruction(vae)
+    model = VQReconstruction(vae) if cfg.model == "vq" else Reconstruction(vae)
     ema = EMAModel(vae.parameters(), decay=cfg.ema_decay, foreach=True) if cfg.ema_decay > 0 else None
     loss_fn = AutoencoderLoss(
         perceptual_loss=perceptual,
@@ -232,11 +235,10 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     )
     ae_params = [p for p in vae.parameters() if p.requires_grad] + loss_fn.autoencoder_parameters()
     opt_ae = torch.optim.AdamW(ae_params, lr=lr, **adam)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.gradient_accumulation_steps)
+    steps_per_epoch = data.batches.steps_per_epoch  # None for a stream, which needs --max_train_steps
     max_steps = (
         cfg.max_train_steps if cfg.max_train_steps is not None else cfg.num_train_epochs * steps_per_epoch
     )
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
 
     def schedule(optimizer):
         # Accelerate steps a prepared scheduler once per process, hence the factor (as in the diffusers examples).
@@ -254,10 +256,22 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
         opt_d = torch.optim.AdamW(discriminator.parameters(), lr=cfg.disc_learning_rate or lr, **adam)
         sched_d = schedule(opt_d)
         discriminator, opt_d, sched_d = accelerator.prepare(discriminator, opt_d, sched_d)
+    codebook_weight = cfg.codebook_weight if cfg.model == "vq" else None
     train_step = TrainStep(
-        accelerator, model, loss_fn, opt_ae, sched_ae, cfg.max_grad_norm, discriminator, opt_d, sched_d
+        accelerator,
+        model,
+        loss_fn,
+        opt_ae,
+        sched_ae,
+        cfg.max_grad_norm,
+        discriminator,
+        opt_d,
+        sched_d,
+        codebook_weight=codebook_weight,
     )
     accelerator.register_for_checkpointing(loss_fn)  # the learned logvar
+    if cfg.model == "vq":  # EMA codebook statistics and usage history: not in the model's state_dict
+        accelerator.register_for_checkpointing(vae.quantize.tracker)
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
@@ -266,19 +280,11 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
         accelerator.init_trackers(cfg.tracker_project_name, config=scalars)
 
     # -- resume ---------------------------------------------------------------------------------------------------
-    global_step, first_epoch, skip_batches = 0, 0, 0
+    global_step = 0
     if cfg.resume_from_checkpoint:
-        path = resolve_resume_path(cfg.resume_from_checkpoint, output_dir)
-        if path is None:
-            logger.info(f"no checkpoint in {output_dir} yet: starting from scratch", main_process_only=True)
-        else:
-            accelerator.load_state(str(path))
-            if ema is not None:
-                ema.to(accelerator.device)  # custom objects are loaded onto the CPU
-            global_step = read_training_state(path)["global_step"]
-            first_epoch = global_step // steps_per_epoch
-            skip_batches = (global_step % steps_per_epoch) * cfg.gradient_accumulation_steps
-            logger.info(f"resumed from {path} at step {global_step}", main_process_only=True)
+        global_step = resume(accelerator, cfg.resume_from_checkpoint, output_dir, data.batches)
+        if ema is not None:
+            ema.to(accelerator.device)  # custom objects are loaded onto the CPU
 
     # -- loop -----------------------------------------------------------------------------------------------------
     logger.info(
@@ -293,17 +299,15 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     tick, tick_step = time.time(), global_step
     # Batches since the last optimizer step; checkpoints fall on optimizer steps, so it is 0 on resume.
     micro_step = 0
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_steps:
-            break
-        train_set.set_epoch(epoch)
-        train_loader.set_epoch(epoch)
-        batches = train_loader
-        if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(train_loader, skip_batches)
-        for batch in batches:
-            data.skip_log.merge(batch["skipped"])  # files found broken in data-loader workers
+    step_files: list[str] = []  # the files of the current step's batches, named if its loss is not finite
+    nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, output_dir)
+    with PreemptionHandler() as preemption:
+        for batch in data.batches.batches(global_step):
+            if global_step >= max_steps:  # resumed from the last checkpoint: straight to the export
+                break
+            data.monitor.update(batch)  # counts files found broken (in data-loader workers too)
             images = batch["pixel_values"]
+            step_files += batch["path"]
             if cfg.channels_last:
                 images = images.to(memory_format=torch.channels_last)
             noise = derived_generator(cfg.seed, accelerator.process_index, global_step, micro_step)
@@ -314,10 +318,12 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
 
             # -- end of an optimizer step --
             micro_step = 0
-            if ema is not None:
-                ema.step(vae.parameters())
             global_step += 1
             progress.update(1)
+            nonfinite.update(global_step, train_step.skipped, step_files)  # a skipped step: warn, maybe stop
+            step_files = []
+            if ema is not None and train_step.updated:
+                ema.step(vae.parameters())
             if global_step % cfg.logging_steps == 0 or global_step == max_steps:
                 elapsed = time.time() - tick
                 images_seen = (global_step - tick_step) * images_per_step * cfg.gradient_accumulation_steps
@@ -329,24 +335,42 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
                 progress.set_postfix(loss=f"{scalars['train/loss']:.4g}", img_s=f"{rate:.1f}")
             if global_step % cfg.validation_steps == 0 or global_step == max_steps:
                 val_metrics = run_validation(accelerator, cfg, vae, ema, val_set, perceptual, global_step)
-            if global_step % cfg.checkpointing_steps == 0 or global_step == max_steps:
-                save_checkpoint(accelerator, cfg, vae, global_step, epoch)
+            stop = preemption.stop_requested(accelerator)  # a SIGTERM / SIGINT reached some process
+            due = stop or global_step % cfg.checkpointing_steps == 0 or global_step == max_steps
+            # Never right after a non-finite step: weights that cause NaN must not push out the good checkpoints.
+            if due and nonfinite.run == 0:
+                checkpoint(accelerator, cfg, vae, data, global_step)
+            if stop:
+                progress.close()
+                newest = latest_checkpoint(output_dir)
+                logger.info(
+                    f"stopped by a signal after step {global_step} of {max_steps}; newest checkpoint: {newest}. "
+                    f"Resume with:\n  {resume_command(sys.argv[1:])}",
+                    main_process_only=True,
+                )
+                accelerator.end_training()
+                return newest
             if global_step >= max_steps:
                 break
     progress.close()
 
-    # -- scaling factor and export -----------------------------------------------------------------------------
+    # -- scaling factor and export ---------------------------------------------------------------------------
+    skipped = SkipLog()  # the skips every process saw, for the summary
+    for reasons in gather_object([data.skip_log.reasons]):
+        skipped.merge(reasons.items())
     accelerator.wait_for_everyone()
     final_dir = output_dir / "final"
     if accelerator.is_main_process:
         vae.eval()
         if ema is not None:
             ema.copy_to(vae.parameters())
-        stats_images = ImageDataset(data.train, cfg.resolution, train=False, **crops)
+        stats_images = ImageDataset(data.stats, cfg.resolution, train=False, **crops)
         stats_set = Subset(stats_images, range(min(cfg.scaling_factor_images, len(stats_images))))
         stats_loader = DataLoader(stats_set, batch_size=cfg.train_batch_size, collate_fn=collate_images)
         stats = measure_latent_stats(
-            vae, (b["pixel_values"] for b in stats_loader), generator=torch.Generator().manual_seed(cfg.seed)
+            vae,
+            (b["pixel_values"] for b in stats_loader),
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
         vae.register_to_config(scaling_factor=stats.scaling_factor)
         export_vae(
@@ -360,16 +384,19 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
                 "scaling_factor_images": str(stats.num_images),
             },
         )
+        skipped.merge(data.skip_log.reasons.items())  # found while measuring the statistics
         minutes = (time.time() - started) / 60
         summary = [
             f"done: {global_step} steps in {minutes:.1f} min",
             f"final validation: PSNR {val_metrics.get('psnr', float('nan')):.2f} dB, "
             f"SSIM {val_metrics.get('ssim', float('nan')):.4f} on {val_metrics.get('num_images', 0)} images",
             f"latent scaling factor {stats.scaling_factor:.5f} (1 / std over {stats.num_images} training images)",
-            f"skipped images: {data.skip_log.summary()}",
+            f"skipped images: {skipped.summary()}",
             f"checkpoints: {output_dir}/checkpoint-*   validation grids: {output_dir}/validation/",
             f"VAE: {final_dir} (weights: {'EMA' if ema is not None else 'trained'})",
-            f"use it: AutoencoderKL.from_pretrained('{final_dir}') then StableDiffusionPipeline.from_pretrained(..., vae=vae)",
+            f"use it: AutoencoderKL.from_pretrained('{final_dir}') then StableDiffusionPipeline.from_pretrained(..., vae=vae)"
+            if cfg.model == "kl"
+            else f"use it: VQModel.from_pretrained('{final_dir}') (diffusers), e.g. as an LDM pipeline's vqvae",
         ]
         print("\n".join(summary), flush=True)
     accelerator.end_training()
@@ -383,6 +410,6 @@ if __name__ == "__main__":
     config, given = parse_config()
     try:
         main(config, given)
-    except (MissingWeightsError, FileNotFoundError, ValueError) as error:
+    except (MissingWeightsError, FileNotFoundError, ValueError, NonFiniteTrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,128 @@
+"""eval/benchmark.py --quick on a tiny model and tiny sizes: every mode runs and the files it writes read back."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval import benchmark
+from latentvae.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        yy, xx = np.mgrid[0:48, 0:64]
+        smooth = np.stack([np.sin(xx / (5 + i)), np.cos(yy / 7), np.sin((xx + yy) / 9)], axis=-1)
+        pixels = (127.5 + 100 * smooth + rng.normal(0, 10, smooth.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"photo{i}.png")
+    return folder
+
+
+def test_quick_benchmark_writes_json_and_markdown(photos, tmp_path):
+    out = tmp_path / "results"
+    argv = [
+        "--quick",
+        "--preset",
+        "tiny-kl-f8",
+        "--sizes",
+        "32",
+        "--train-sizes",
+        "32",
+        "--tile-sizes",
+        "128",
+    ]
+    argv += [
+        "--tile",
+        "64",
+        "--fp16-size",
+        "32",
+        "--repeats",
+        "2",
+        "--images",
+        str(photos),
+        "--out",
+        str(out),
+    ]
+    argv += [
+        "--modes",
+        *benchmark.MODES,
+        "--data-workers",
+        "0",
+        "1",
+        "--data-batches",
+        "2",
+        "--data-resolution",
+        "32",
+    ]
+    assert benchmark.main(argv) == 0
+    results = json.loads((out / "benchmark.json").read_text())
+    assert set(benchmark.MODES) <= set(results)
+
+    speed = results["speed"]["rows"]
+    assert {r["case"] for r in speed} == {"diffusers-fp32", "ours-fp32", "ours-fast"}  # --quick's variants
+    assert {(r["op"], r["size"], r["batch"]) for r in speed} == {("encode", 32, 1), ("decode", 32, 1)}
+    for row in speed + results["training"]["rows"]:
+        assert len(row["all_seconds"]) == 2 and row["seconds"] > 0 and row["gflop"] > 0
+        assert row["matmul_gflops"] > 0 and row["gflops"] == pytest.approx(row["gflop"] / row["seconds"])
+    decode_flops = {r["gflop"] for r in speed if r["op"] == "decode"}
+    assert len({round(f, 6) for f in decode_flops}) == 1  # same model shape, same work in every variant
+
+    tiling = {(r["implementation"], r["tiled"]): r for r in results["tiling"]["rows"]}
+    assert set(tiling) == {
+        ("latentvae", False),
+        ("latentvae", True),
+        ("diffusers", False),
+        ("diffusers", True),
+    }
+    ours, theirs = tiling[("latentvae", True)], tiling[("diffusers", True)]
+    assert ours["psnr_vs_untiled"] > theirs["psnr_vs_untiled"]  # shared statistics against per-tile ones
+    assert ours["activation_mb"] > 0 and "memory_vs_untiled" in ours
+
+    assert results["fidelity"]["images"] == 3 and "ours-fast" in results["fidelity"]["mean_psnr"]
+    assert results["fp16"]["images"] == 2 and results["fp16"]["fp32_max"]
+
+    data = results["data"]
+    assert {(r["source"], r["workers"]) for r in data["rows"]} == {
+        (s, w) for s in ("folder", "shards") for w in (0, 1)
+    }
+    assert all(r["images"] == 2 * 16 and r["images_per_s"] > 0 for r in data["rows"])
+    # The rate training consumes is the measured autocast step at the data resolution: batch / seconds.
+    step = next(
+        r for r in results["training"]["rows"] if r["case"] == "ours-fp32 autocast" and r["size"] == 32
+    )
+    assert data["train_images_per_s"] == pytest.approx(step["batch"] / step["seconds"])
+    assert all("workers" in line and "keep it fed" in line for line in data["feed"].values())
+
+    markdown = (out / "benchmark.md").read_text()
+    for heading in (
+        "## Encode and decode",
+        "## Training step",
+        "## Tiled decode",
+        "## fp16 safety",
+        "## Fast path",
+        "## Data loading",
+    ):
+        assert heading in markdown
+    assert "--quick --preset tiny-kl-f8" in markdown  # the command that produced it
+
+
+def test_cli_runs_the_benchmark_script(photos, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = [
+        "benchmark",
+        "--modes",
+        "fp16",
+        "--preset",
+        "tiny-kl-f8",
+        "--fp16-images",
+        "1",
+        "--fp16-size",
+        "32",
+    ]
+    assert cli_main([*argv, "--images", str(photos), "--out", str(out)]) == 0
+    assert json.loads((out / "benchmark.json").read_text())["fp16"]["images"] == 1
+    assert "## fp16 safety" in (out / "benchmark.md").read_text()

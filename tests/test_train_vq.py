@@ -1,0 +1,140 @@
+"""training/train.py --model vq end to end on generated images: tiny VQ model, a few steps, CPU.
+
+Oracles: stock diffusers.VQModel (loading the export, encoding for the scaling factor), a second run of the script
+(resume equality, the codebook tracker included), the flags' validation.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import (
+    NUM_TRAIN,
+    NUM_VAL,
+    RESOLUTION,
+    ROOT,
+    base_flags,
+    checkpoint_tensors,
+    free_port,
+    train,
+    write_images,
+)
+from train_helpers import assert_identical, reset_accelerate, tensors_in
+
+# Restarts at every step: each one draws random numbers, which a resumed run must draw alike.
+VQ = ["--preset", "vq-quickstart", "--codebook_restart_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def image_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    write_images(root / "train", NUM_TRAIN, seed=1)
+    write_images(root / "val", NUM_VAL, seed=2)
+    return root / "train", root / "val"
+
+
+@pytest.fixture(autouse=True)
+def clean_accelerate_state():
+    yield
+    reset_accelerate()
+
+
+def test_a_vq_run_exports_a_diffusers_vqmodel_with_the_measured_scaling_factor(image_dirs, tmp_path):
+    import diffusers
+    from PIL import Image
+    from torchvision import transforms
+
+    final = train(image_dirs, tmp_path, *VQ, "--max_train_steps", "3", "--codebook_ema_decay", "0.9")
+    config = json.loads((final / "config.json").read_text())
+    assert config["_class_name"] == "VQModel" and config["num_vq_embeddings"] == 512
+    vae = diffusers.VQModel.from_pretrained(final).eval()
+    to_input = transforms.Compose(
+        [
+            transforms.Resize(RESOLUTION, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(RESOLUTION),
+            transforms.ToTensor(),
+        ]
+    )
+    paths = sorted(image_dirs[0].glob("*.png"))
+    images = torch.stack([to_input(Image.open(p).convert("RGB")) * 2 - 1 for p in paths])
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(batch).latents for batch in images.split(2)])
+    assert config["scaling_factor"] == pytest.approx(
+        1 / latents.double().std(unbiased=False).item(), rel=1e-4
+    )
+    # the codebook tracker is checkpointed beside the model, its state out of the model's weights
+    tracker = torch.load(tmp_path / "checkpoint-3" / "custom_checkpoint_1.pkl", weights_only=True)
+    assert tracker["step"] == 3 and tracker["embed_sum"].shape == (512, 3)
+
+
+@pytest.mark.parametrize(
+    "extra", [[], ["--codebook_ema_decay", "0.9", "--disc_start", "0"]], ids=["loss", "ema-gan"]
+)
+def test_a_resumed_vq_run_gives_the_same_weights_and_codebook_state(extra, image_dirs, tmp_path):
+    flags = [*VQ, *extra, "--train_batch_size", "4", "--max_train_steps", "4", "--checkpointing_steps", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(image_dirs, straight, *flags)
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    train(image_dirs, resumed, *flags, "--resume_from_checkpoint", "latest")
+    assert_identical(
+        checkpoint_tensors(resumed / "checkpoint-4"), checkpoint_tensors(straight / "checkpoint-4")
+    )
+    assert_identical(
+        load_file(resumed / "final" / "diffusion_pytorch_model.safetensors"),
+        load_file(straight / "final" / "diffusion_pytorch_model.safetensors"),
+    )
+
+
+def test_flags_of_the_other_model_kind_are_refused():
+    from latentvae.training_config import parse_config
+
+    with pytest.raises(SystemExit, match="only --model vq uses --codebook_ema_decay"):
+        parse_config(["--codebook_ema_decay", "0.99"])
+    with pytest.raises(SystemExit, match="only --model kl uses --kl_weight"):
+        parse_config(["--model", "vq", "--kl_weight", "1e-6"])
+    cfg, _ = parse_config(["--model", "vq", "--preset", "vq-f4"])
+    assert (cfg.model, cfg.model_preset, cfg.recon_loss) == ("vq", "vq-f4", "l1")
+
+
+def test_a_kl_file_is_not_trained_as_vq(image_dirs, tmp_path):
+    kl = train(image_dirs, tmp_path / "kl", "--max_train_steps", "1")
+    with pytest.raises(ValueError, match="AutoencoderKL-type model: train it with --model kl"):
+        train(image_dirs, tmp_path / "vq", *VQ, "--init_from", str(kl), "--max_train_steps", "1")
+
+
+def test_two_processes_keep_one_codebook(image_dirs, tmp_path):
+    """EMA codebook statistics are all-reduced and restarted codes broadcast: the processes' states stay equal."""
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    flags = base_flags(image_dirs, tmp_path / "run") + VQ + [
+        "--max_train_steps", "2", "--checkpointing_steps", "1", "--codebook_ema_decay", "0.9", "--disc_start", "0",
+    ]  # fmt: skip
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(ROOT / "tests" / "train_probe.py"), str(probe_dir), *flags,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-5000:]
+
+    def state(rank: int, step: int) -> dict[str, torch.Tensor]:
+        path = probe_dir / f"state-rank{rank}-checkpoint-{step}.tmp.pt"
+        return tensors_in(torch.load(path, map_location="cpu", weights_only=True))
+
+    codebook = "models.0.vae.quantize.embedding.weight"
+    for step in (1, 2):
+        rank0, rank1 = state(0, step), state(1, step)
+        assert any(k.endswith("embed_sum") for k in rank0)  # the codebook tracker
+        assert_identical(rank0, rank1)
+    assert not torch.equal(state(0, 1)[codebook], state(0, 2)[codebook])
