@@ -318,6 +318,15 @@ def test_checkpoint_limit_and_crash_leftovers(image_dirs, tmp_path, caplog):
     assert json.loads((tmp_path / "checkpoint-5" / "training_state.json").read_text())["global_step"] == 5
 
 
+def test_an_fsdp_launch_is_refused_before_anything_starts(image_dirs, tmp_path, monkeypatch):
+    # What `accelerate launch --use_fsdp` and an FSDP `accelerate config` set; on a machine without GPUs Accelerate
+    # would quietly fall back to DDP, so the script reads the request itself.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match=r"FSDP is not supported .* --multi_gpu"):
+        train(image_dirs, tmp_path / "run", "--max_train_steps", "1")
+    assert not (tmp_path / "run").exists()
+
+
 def test_help_lists_every_flag_in_both_spellings():
     from dataclasses import fields
 

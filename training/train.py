@@ -35,6 +35,7 @@ from accelerate.utils import (
     DistributedType,
     ProjectConfiguration,
     gather_object,
+    parse_flag_from_env,
     set_seed,
 )
 from diffusers.optimization import get_scheduler
@@ -129,6 +130,16 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
+def refuse_fsdp() -> None:
+    # Not yet: EMA, validation and export run on unsharded weights of the main process only, and the GAN's
+    # adaptive weight needs the decoder's last layer whole. A VAE this size (84 M parameters) trains well with DDP.
+    raise ValueError(
+        "FSDP is not supported by training/train.py: launch with DDP instead (`accelerate launch --multi_gpu ...`, "
+        "or answer 'multi-GPU' rather than FSDP in `accelerate config`); the VAE and its optimizer state fit on "
+        "one GPU."
+    )
+
+
 def lr_for(cfg: TrainConfig, accelerator: Accelerator) -> float:
     if not cfg.scale_lr:
         return cfg.learning_rate
@@ -181,6 +192,10 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     SIGINT stopped the run early."""
     # -- setup --------------------------------------------------------------------------------------------------
     output_dir = Path(cfg.output_dir)
+    # Asked for by `accelerate launch --use_fsdp` / an FSDP `accelerate config` (both set this variable). Checked
+    # before Accelerate starts: on CPU-only machines it would silently run DDP instead.
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        refuse_fsdp()
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
@@ -195,10 +210,8 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
         # (then it sets up gloo DDP), so `accelerate launch --multi_gpu --num_processes 2` works there too.
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator(),
     )
-    if accelerator.distributed_type == DistributedType.FSDP:
-        # Not yet: EMA, validation and export run on unsharded weights of the main process only, and the GAN's
-        # adaptive weight needs the decoder's last layer whole. A VAE this size trains well with DDP.
-        raise ValueError("FSDP is not supported by this script; launch with DDP (--multi_gpu) instead.")
+    if accelerator.distributed_type == DistributedType.FSDP:  # an FSDP plugin passed some other way
+        refuse_fsdp()
     # Identical initial weights on every process. Crops and posterior noise do not use this global RNG: they
     # are seeded by position (latentvae.seeding), which is what makes a resumed run exact.
     set_seed(cfg.seed)
