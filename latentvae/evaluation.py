@@ -297,6 +297,12 @@ def evaluate_model(
     generator = torch.Generator().manual_seed(settings.seed) if settings.sample_posterior else None
     result = ModelResult(spec.name, str(spec.path), downsampling_factor(model), _parameter_counts(model))
     result.config_scaling_factor = getattr(model.config, "scaling_factor", None)
+    if settings.sample_posterior and _is_vq(model):
+        note = (
+            "--sample_posterior does not apply: a VQ model's latent is deterministic (its quantised encoding)"
+        )
+        result.notes.append(note)
+        print(f"{spec.name}: {note}", file=sys.stderr)
     shared = set(np.linspace(0, len(data.sources) - 1, settings.grid_images).round().astype(int).tolist())
     fill_reference = not reference_features
     features: list[Tensor] = []

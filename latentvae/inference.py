@@ -49,8 +49,10 @@ def fastest_dtype(vae: nn.Module, probe_images: Tensor | None = None) -> tuple[t
     the model's config says so (`force_upcast=False`, the flag pipelines read for the same question); else fp32.
     """
     device = vae.device
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16, "CUDA device with bf16 support"
+    # Compute capability 8.0 (Ampere) and later have bf16 tensor cores; `torch.cuda.is_bf16_supported()` also says
+    # yes where bf16 is only emulated (V100, T4), which is slower than fp16 there.
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16, "CUDA device with bf16 tensor cores (compute capability >= 8.0)"
     if device.type == "cpu" and cpu_has_bf16():
         return torch.bfloat16, "CPU with bf16 instructions (avx512_bf16 / amx_bf16)"
     if device.type == "cuda":
@@ -191,8 +193,8 @@ def _reconstruct_with_maxima(vae: nn.Module, images: Tensor) -> tuple[Tensor, di
     leaves = [(name, m) for name, m in vae.named_modules() if name and not list(m.children())]
     handles = [m.register_forward_hook(record(name)) for name, m in leaves]
     try:
-        posterior = vae.encode(images.to(vae.dtype)).latent_dist
-        images_out = vae.decode(posterior.mode()).sample
+        # forward: the posterior mode of a KL model, the quantised latent of a VQ model
+        images_out = vae(images.to(vae.dtype)).sample
     finally:
         for handle in handles:
             handle.remove()

@@ -159,7 +159,8 @@ def describe_protocol(
         "untimed warm-up pass over the first batch",
         "memory": "the model's weights plus the largest growth in memory during one batch's encode + decode, "
         f"from {memory_kind or 'nothing: not measured on this device'}",
-        "latent_stats": f"posterior samples (seed {seed}) of all evaluated images (latentvae.latent_stats); "
+        "latent_stats": f"posterior samples (seed {seed}; a VQ model: its encoder output) of all evaluated images "
+        "(latentvae.latent_stats); "
         "suggested scaling factor = 1 / std over all latent elements",
         "codebook": "VQ models: the encoder output is replaced by its nearest codebook vectors before decoding; "
         "usage = fraction of the codebook chosen at least once over all latent positions of all evaluated images, "
@@ -314,8 +315,8 @@ def render_report(evaluation: Evaluation, summaries: list[dict[str, Any]], writt
         "↓ lower).",
         comparison_table(summaries),
         "PSNR, SSIM, LPIPS: mean ± standard deviation over images. Params: encoder + decoder. Compression: values "
-        "in an image per value in its latent (3 f² / C). Latent: C×h×w of the first image. Scaling factor: 1 / std of posterior samples of these "
-        "images, next to the one in the model's config."
+        "in an image per value in its latent (3 f² / C). Latent: C×h×w of the first image. Scaling factor: 1 / std of posterior samples (VQ: "
+        "encoder outputs) of these images, next to the one in the model's config."
         + (
             " Codebook usage (VQ models): share of the codes chosen at least once over all latent positions of "
             "these images; in brackets the perplexity, exp(entropy) of the code histogram, i.e. the number of "

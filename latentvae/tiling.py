@@ -1,4 +1,5 @@
-"""Run an image-to-image network on overlapping tiles and blend them, so memory stays flat as images grow.
+"""Run an image-to-image network on overlapping tiles and blend them, so that peak memory is a fraction of an
+untiled run's (about 0.2 at 1024-2048 px for the SD shape: eval/results/benchmark.md).
 
 Blending alone cannot hide a network's global statistics: each tile of a GroupNorm network normalises with its
 own mean and variance, so tone shifts from tile to tile (diffusers' tiling). With `statistics`, measuring passes

@@ -197,7 +197,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     ),
     # LDM's vq-f4 first stage (models/first_stage_models/vq-f4/config.yaml): taming's VQLPIPSWithDiscriminator
     # with L1 + LPIPS, codebook weight 1.0, discriminator weight 0.75 from step 0, base lr 4.5e-6 per image.
-    "vq-f4": dict(model="vq", model_preset="vq-f4", recon_loss="l1", disc_start=0, disc_weight=0.75),
+    # LDM's vq-f4 loss: L1 + LPIPS, the GAN from step 0 at 0.75, and taming's quantiser weighting (legacy=True).
+    "vq-f4": dict(
+        model="vq", model_preset="vq-f4", recon_loss="l1", disc_start=0, disc_weight=0.75, legacy_vq_loss=True
+    ),
 }
 # The CPU quickstart, for the tiny VQ model: dead codes are restarted so that the codebook is used.
 RECIPES["vq-quickstart"] = {
@@ -260,17 +263,31 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     """Defaults < recipe (`--preset`) < `--config` JSON < flags. Returns the config and the explicitly set names."""
     args = build_parser().parse_args(argv)
     values = dict(RECIPES[args.preset])
+    from_file = {}
     if args.config:
         with open(args.config) as handle:
-            values.update(json.load(handle))
+            from_file = json.load(handle)
+        values.update(from_file)
     explicit = set(vars(args)) - {"preset", "config"}
     values.update({name: getattr(args, name) for name in explicit})
     unknown = set(values) - {f.name for f in fields(TrainConfig)}
     if unknown:
         raise SystemExit(f"unknown config fields {sorted(unknown)} (from --config {args.config})")
+    if (
+        values.get("model") == "vq"
+        and "model_preset" not in values
+        and "pretrained_model_name_or_path" not in values
+    ):
+        values["model_preset"] = (
+            "vq-f4"  # `--model vq` alone: the VQ architecture of the default recipe's scale
+        )
     config = TrainConfig(**values)
+    # A flag of the other model kind is a mistake worth stopping for; so is such a field in a --config file, unless
+    # it holds the default (a saved config, e.g. a checkpoint's training_state.json, lists every field).
     other = KL_ONLY if config.model == "vq" else VQ_ONLY
-    if misplaced := sorted(set(values) & set(other)):
+    defaults = TrainConfig()
+    changed = {n for n in set(from_file) & set(other) if from_file[n] != getattr(defaults, n)}
+    if misplaced := sorted((explicit & set(other)) | changed):
         kind = "kl" if config.model == "vq" else "vq"
         raise SystemExit(f"only --model {kind} uses {', '.join('--' + n for n in misplaced)}")
     return config, explicit

@@ -144,6 +144,19 @@ def test_check_fp16_finds_the_overflowing_block():
     assert "encoder.mid_block" not in report.overflowing
 
 
+def test_check_fp16_finds_an_overflow_in_a_vq_model_too():
+    """Oracle as above, through the quantiser of a VQ model (which has no posterior)."""
+    from latentvae import VQModel
+
+    torch.manual_seed(0)
+    model = VQModel.from_preset("tiny-vq-f4").eval()
+    assert check_fp16(model, images(1, 32)).safe
+    with torch.no_grad():
+        model.decoder.conv_in.weight.mul_(1e6)
+    report = check_fp16(model, images(1, 32))
+    assert not report.safe and "decoder.conv_in" in report.overflowing and "quant_conv" in report.fp32_max
+
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_compiled_fast_path_stays_close_to_fp32():

@@ -187,6 +187,23 @@ def test_memory_budget_switches_tiling_on():
     torch.testing.assert_close(model.decode(z).sample, untiled, rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_a_memory_budget_never_tiles_an_image_the_tile_grid_cannot_take():
+    """66 px is not a multiple of 8: the budget must leave the encode untiled (as called), not fail."""
+    torch.manual_seed(0)
+    model = AutoencoderKL.from_preset("tiny-kl-f8", sample_size=32).eval()
+    x = torch.rand(1, 3, 66, 66) * 2 - 1
+    model.tile_memory_budget = None
+    expected = model.encode(x).latent_dist.mean
+    model.tile_memory_budget = 1  # every call over budget
+    torch.testing.assert_close(model.encode(x).latent_dist.mean, expected, rtol=0, atol=0)
+    with pytest.raises(
+        ValueError, match="divisible by 8, got 66x66"
+    ):  # asked for explicitly: the clear error stays
+        model.enable_tiling()
+        model.encode(x)
+
+
 def test_untiled_estimate_follows_the_widest_level():
     """SD decoder: its widest activation is the 256-channel upsampler output at full resolution."""
     sd = (128, 256, 512, 512)

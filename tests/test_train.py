@@ -318,11 +318,12 @@ def test_checkpoint_limit_and_crash_leftovers(image_dirs, tmp_path, caplog):
     assert json.loads((tmp_path / "checkpoint-5" / "training_state.json").read_text())["global_step"] == 5
 
 
-def test_an_fsdp_launch_is_refused_before_anything_starts(image_dirs, tmp_path, monkeypatch):
-    # What `accelerate launch --use_fsdp` and an FSDP `accelerate config` set; on a machine without GPUs Accelerate
-    # would quietly fall back to DDP, so the script reads the request itself.
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match=r"FSDP is not supported .* --multi_gpu"):
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_a_sharded_launch_is_refused_before_anything_starts(image_dirs, tmp_path, monkeypatch, kind):
+    # What `accelerate launch --use_fsdp` (--use_deepspeed) and such an `accelerate config` set; on a machine without
+    # GPUs Accelerate would quietly fall back to DDP, so the script reads the request itself.
+    monkeypatch.setenv(f"ACCELERATE_USE_{kind}", "true")
+    with pytest.raises(ValueError, match=rf"{kind} is not supported .* --multi_gpu"):
         train(image_dirs, tmp_path / "run", "--max_train_steps", "1")
     assert not (tmp_path / "run").exists()
 

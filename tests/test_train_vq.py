@@ -104,6 +104,19 @@ def test_flags_of_the_other_model_kind_are_refused():
         parse_config(["--model", "vq", "--kl_weight", "1e-6"])
     cfg, _ = parse_config(["--model", "vq", "--preset", "vq-f4"])
     assert (cfg.model, cfg.model_preset, cfg.recon_loss) == ("vq", "vq-f4", "l1")
+    assert parse_config(["--model", "vq"])[0].model_preset == "vq-f4"  # not the default recipe's KL shape
+
+
+def test_a_saved_config_is_accepted_back_for_either_kind(tmp_path):
+    from latentvae.training_config import TrainConfig, parse_config
+
+    for model in ("kl", "vq"):
+        saved = TrainConfig(model=model, model_preset="tiny-vq-f4" if model == "vq" else "tiny-kl-f8")
+        (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))  # every field, as checkpoints hold
+        assert parse_config(["--config", str(tmp_path / "config.json")])[0] == saved
+    (tmp_path / "config.json").write_text(json.dumps({**saved.to_dict(), "kl_weight": 0.1}))
+    with pytest.raises(SystemExit, match="only --model kl uses --kl_weight"):
+        parse_config(["--config", str(tmp_path / "config.json")])
 
 
 def test_a_kl_file_is_not_trained_as_vq(image_dirs, tmp_path):

@@ -514,8 +514,9 @@ def test_evaluate_reconstructs_through_the_codebook_and_reports_its_usage(export
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / f"{i}.png")
     out = tmp_path / "report"
     argv = ["evaluate", "--model", f"vq={folder}", "--data_dir", str(data), "--output_dir", str(out)]
-    assert cli_main([*argv, "--resize", "none", "--batch_size", "2"]) == 0
+    assert cli_main([*argv, "--resize", "none", "--batch_size", "2", "--sample_posterior"]) == 0
     summary = json.loads((out / "summary.json").read_text())["models"][0]
+    assert any("--sample_posterior does not apply" in note for note in summary["notes"])  # said, not ignored
 
     # Oracle: stock diffusers on the same uint8 pixels, its own quantiser's codes.
     stock = diffusers.VQModel.from_pretrained(folder).eval()

@@ -130,13 +130,13 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
-def refuse_fsdp() -> None:
-    # Not yet: EMA, validation and export run on unsharded weights of the main process only, and the GAN's
-    # adaptive weight needs the decoder's last layer whole. A VAE this size (84 M parameters) trains well with DDP.
+def refuse_sharding(kind: str) -> None:
+    # Not yet: EMA, validation and export run on unsharded weights of the main process only, the GAN's adaptive
+    # weight needs the decoder's last layer whole, and two models are prepared. A VAE this size (84 M parameters)
+    # trains well with DDP.
     raise ValueError(
-        "FSDP is not supported by training/train.py: launch with DDP instead (`accelerate launch --multi_gpu ...`, "
-        "or answer 'multi-GPU' rather than FSDP in `accelerate config`); the VAE and its optimizer state fit on "
-        "one GPU."
+        f"{kind} is not supported by training/train.py: launch with DDP instead (`accelerate launch --multi_gpu "
+        "...`, or answer 'multi-GPU' in `accelerate config`); the VAE and its optimizer state fit on one GPU."
     )
 
 
@@ -192,10 +192,11 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     SIGINT stopped the run early."""
     # -- setup --------------------------------------------------------------------------------------------------
     output_dir = Path(cfg.output_dir)
-    # Asked for by `accelerate launch --use_fsdp` / an FSDP `accelerate config` (both set this variable). Checked
-    # before Accelerate starts: on CPU-only machines it would silently run DDP instead.
-    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        refuse_fsdp()
+    # Asked for by `accelerate launch --use_fsdp / --use_deepspeed` or such an `accelerate config` (both set these
+    # variables). Checked before Accelerate starts: on CPU-only machines it would silently run DDP instead.
+    for kind in ("FSDP", "DEEPSPEED"):
+        if parse_flag_from_env(f"ACCELERATE_USE_{kind}"):
+            refuse_sharding(kind)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
@@ -210,8 +211,11 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
         # (then it sets up gloo DDP), so `accelerate launch --multi_gpu --num_processes 2` works there too.
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator(),
     )
-    if accelerator.distributed_type == DistributedType.FSDP:  # an FSDP plugin passed some other way
-        refuse_fsdp()
+    if accelerator.distributed_type in (
+        DistributedType.FSDP,
+        DistributedType.DEEPSPEED,
+    ):  # set some other way
+        refuse_sharding(accelerator.distributed_type.value)
     # Identical initial weights on every process. Crops and posterior noise do not use this global RNG: they
     # are seeded by position (latentvae.seeding), which is what makes a resumed run exact.
     set_seed(cfg.seed)
