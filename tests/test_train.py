@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
 
+import functools
 import json
 import shutil
 import socket
@@ -359,15 +360,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_stay_identical_and_see_disjoint_samples(image_dirs, tmp_path):
-    # GAN, learned logvar, EMA and gradient accumulation on: everything that must stay in sync across processes.
-    # 16 images, 2 per batch, 2 processes: 4 batches each, in 2 steps of 2 = exactly one epoch.
-    probe_dir = tmp_path / "probe"
-    probe_dir.mkdir()
-    flags = base_flags(image_dirs, tmp_path / "run") + [
-        "--max_train_steps", "2", "--checkpointing_steps", "1", "--gradient_accumulation_steps", "2",
-        "--disc_start", "0", "--learn_logvar", "--ema_decay", "0.9",
-    ]  # fmt: skip
+def train_two_processes(probe_dir: Path, flags: list[str]) -> None:
+    """`accelerate launch --multi_gpu --num_processes 2` of tests/train_probe.py, which records every process's
+    state at each checkpoint into `probe_dir` (read back with `probe_state`)."""
     # Without GPUs, --multi_gpu starts one process per --num_processes (--cpu would start one); train.py then
     # asks Accelerate for its CPU mode, which joins them into one gloo DDP run (else each would run alone).
     launch = [
@@ -379,9 +374,24 @@ def test_two_processes_stay_identical_and_see_disjoint_samples(image_dirs, tmp_p
     result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-5000:]
 
-    def state(rank: int, step: int) -> dict[str, torch.Tensor]:
-        path = probe_dir / f"state-rank{rank}-checkpoint-{step}.tmp.pt"
-        return tensors_in(torch.load(path, map_location="cpu", weights_only=True))
+
+def probe_state(probe_dir: Path, rank: int, step: int) -> dict[str, torch.Tensor]:
+    """What `train_two_processes`' process `rank` held when it wrote checkpoint `step`."""
+    path = probe_dir / f"state-rank{rank}-checkpoint-{step}.tmp.pt"
+    return tensors_in(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def test_two_processes_stay_identical_and_see_disjoint_samples(image_dirs, tmp_path):
+    # GAN, learned logvar, EMA and gradient accumulation on: everything that must stay in sync across processes.
+    # 16 images, 2 per batch, 2 processes: 4 batches each, in 2 steps of 2 = exactly one epoch.
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    flags = base_flags(image_dirs, tmp_path / "run") + [
+        "--max_train_steps", "2", "--checkpointing_steps", "1", "--gradient_accumulation_steps", "2",
+        "--disc_start", "0", "--learn_logvar", "--ema_decay", "0.9",
+    ]  # fmt: skip
+    train_two_processes(probe_dir, flags)
+    state = functools.partial(probe_state, probe_dir)
 
     for step in (1, 2):
         rank0, rank1 = state(0, step), state(1, step)

@@ -10,10 +10,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
 
+import functools
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,14 +21,14 @@ from test_train import (
     NUM_TRAIN,
     NUM_VAL,
     RESOLUTION,
-    ROOT,
     base_flags,
     checkpoint_tensors,
-    free_port,
+    probe_state,
     train,
+    train_two_processes,
     write_images,
 )
-from train_helpers import assert_identical, reset_accelerate, tensors_in
+from train_helpers import assert_identical, reset_accelerate
 
 # Restarts at every step: each one draws random numbers, which a resumed run must draw alike.
 VQ = ["--preset", "vq-quickstart", "--codebook_restart_steps", "1"]
@@ -132,18 +131,8 @@ def test_two_processes_keep_one_codebook(image_dirs, tmp_path):
     flags = base_flags(image_dirs, tmp_path / "run") + VQ + [
         "--max_train_steps", "2", "--checkpointing_steps", "1", "--codebook_ema_decay", "0.9", "--disc_start", "0",
     ]  # fmt: skip
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), str(ROOT / "tests" / "train_probe.py"), str(probe_dir), *flags,
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-5000:]
-
-    def state(rank: int, step: int) -> dict[str, torch.Tensor]:
-        path = probe_dir / f"state-rank{rank}-checkpoint-{step}.tmp.pt"
-        return tensors_in(torch.load(path, map_location="cpu", weights_only=True))
+    train_two_processes(probe_dir, flags)
+    state = functools.partial(probe_state, probe_dir)
 
     codebook = "models.0.vae.quantize.embedding.weight"
     for step in (1, 2):
