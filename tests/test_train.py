@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torchvision import transforms
 from train_helpers import assert_identical, reset_accelerate, tensors_in
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,20 @@ def base_flags(image_dirs, output_dir: Path, random_lpips: bool = True) -> list[
     return flags + ["--perceptual_random_backbone"] if random_lpips else flags
 
 
+def training_images_by_torchvision(image_dirs) -> torch.Tensor:
+    """Every training image in name order, center-cropped as the scaling-factor pass sees them, in [-1, 1]: an
+    oracle independent of latentvae's own image pipeline."""
+    to_input = transforms.Compose(
+        [
+            transforms.Resize(RESOLUTION, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(RESOLUTION),
+            transforms.ToTensor(),
+        ]
+    )
+    paths = sorted(image_dirs[0].glob("*.png"))
+    return torch.stack([to_input(Image.open(p).convert("RGB")) * 2 - 1 for p in paths])
+
+
 def train(image_dirs, output_dir: Path, *flags: str, random_lpips: bool = True) -> Path:
     """Run the training script's `main` in this process with the test flags plus `flags`; returns final/."""
     from latentvae.training_config import parse_config
@@ -122,7 +137,6 @@ def trained(image_dirs, tmp_path_factory) -> Path:
 
 def test_export_loads_in_stock_diffusers_with_the_measured_scaling_factor(trained, image_dirs):
     import diffusers
-    from torchvision import transforms
 
     final = trained / "final"
     vae = diffusers.AutoencoderKL.from_pretrained(final).eval()
@@ -131,15 +145,7 @@ def test_export_loads_in_stock_diffusers_with_the_measured_scaling_factor(traine
 
     # The scaling factor, measured independently: the same training images (all of train/, in name order),
     # preprocessed by torchvision, encoded by stock diffusers with the script's generator and batching.
-    to_input = transforms.Compose(
-        [
-            transforms.Resize(RESOLUTION, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(RESOLUTION),
-            transforms.ToTensor(),
-        ]
-    )
-    paths = sorted(image_dirs[0].glob("*.png"))
-    images = torch.stack([to_input(Image.open(p).convert("RGB")) * 2 - 1 for p in paths])
+    images = training_images_by_torchvision(image_dirs)
     generator = torch.Generator().manual_seed(0)  # the run's --seed
     with torch.no_grad():
         latents = [vae.encode(batch).latent_dist.sample(generator=generator) for batch in images.split(2)]

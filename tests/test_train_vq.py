@@ -20,12 +20,12 @@ from safetensors.torch import load_file
 from test_train import (
     NUM_TRAIN,
     NUM_VAL,
-    RESOLUTION,
     base_flags,
     checkpoint_tensors,
     probe_state,
     train,
     train_two_processes,
+    training_images_by_torchvision,
     write_images,
 )
 from train_helpers import assert_identical, reset_accelerate
@@ -50,22 +50,12 @@ def clean_accelerate_state():
 
 def test_a_vq_run_exports_a_diffusers_vqmodel_with_the_measured_scaling_factor(image_dirs, tmp_path):
     import diffusers
-    from PIL import Image
-    from torchvision import transforms
 
     final = train(image_dirs, tmp_path, *VQ, "--max_train_steps", "3", "--codebook_ema_decay", "0.9")
     config = json.loads((final / "config.json").read_text())
     assert config["_class_name"] == "VQModel" and config["num_vq_embeddings"] == 512
     vae = diffusers.VQModel.from_pretrained(final).eval()
-    to_input = transforms.Compose(
-        [
-            transforms.Resize(RESOLUTION, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(RESOLUTION),
-            transforms.ToTensor(),
-        ]
-    )
-    paths = sorted(image_dirs[0].glob("*.png"))
-    images = torch.stack([to_input(Image.open(p).convert("RGB")) * 2 - 1 for p in paths])
+    images = training_images_by_torchvision(image_dirs)
     with torch.no_grad():
         latents = torch.cat([vae.encode(batch).latents for batch in images.split(2)])
     assert config["scaling_factor"] == pytest.approx(
