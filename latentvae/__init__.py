@@ -1,24 +1,41 @@
-"""latentvae: Stable-Diffusion-style image autoencoders that drop into diffusers pipelines."""
+"""latentvae: Stable-Diffusion-style image autoencoders that drop into diffusers pipelines.
 
-from latentvae.autoencoder_kl import AutoencoderKL
-from latentvae.distributions import DiagonalGaussianDistribution
-from latentvae.export import export_vae
-from latentvae.inference import Fp16Report, check_fp16, optimize_for_inference
-from latentvae.loading import PickleRefusedError, StateDictMismatchError, VAEFileError, load_vae
-from latentvae.presets import PRESETS, VQ_PRESETS
-from latentvae.quantizer import VectorQuantizer
-from latentvae.vq_model import VQModel
+The public names below are imported on first use (PEP 562, as diffusers and transformers do), so that
+`import latentvae.cli` and `latentvae --help` do not load torch and diffusers.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "AutoencoderKL": "latentvae.models.autoencoder_kl",
+    "VQModel": "latentvae.models.vq_model",
+    "DiagonalGaussianDistribution": "latentvae.models.distributions",
+    "VectorQuantizer": "latentvae.models.quantizer",
+    "PRESETS": "latentvae.models.presets",
+    "VQ_PRESETS": "latentvae.models.presets",
+    "Fp16Report": "latentvae.models.inference",
+    "check_fp16": "latentvae.models.inference",
+    "optimize_for_inference": "latentvae.models.inference",
+    "export_vae": "latentvae.files.export",
+    "load_vae": "latentvae.files.loading",
+    "PickleRefusedError": "latentvae.files.loading",
+    "StateDictMismatchError": "latentvae.files.loading",
+    "VAEFileError": "latentvae.files.loading",
+}
 __all__ = [
+    "PRESETS",
+    "VQ_PRESETS",
     "AutoencoderKL",
     "DiagonalGaussianDistribution",
     "Fp16Report",
-    "PRESETS",
     "PickleRefusedError",
     "StateDictMismatchError",
     "VAEFileError",
     "VQModel",
-    "VQ_PRESETS",
     "VectorQuantizer",
     "check_fp16",
     "export_vae",
@@ -26,3 +43,25 @@ __all__ = [
     "optimize_for_inference",
 ]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from latentvae.files.export import export_vae
+    from latentvae.files.loading import PickleRefusedError, StateDictMismatchError, VAEFileError, load_vae
+    from latentvae.models.autoencoder_kl import AutoencoderKL
+    from latentvae.models.distributions import DiagonalGaussianDistribution
+    from latentvae.models.inference import Fp16Report, check_fp16, optimize_for_inference
+    from latentvae.models.presets import PRESETS, VQ_PRESETS
+    from latentvae.models.quantizer import VectorQuantizer
+    from latentvae.models.vq_model import VQModel
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'latentvae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

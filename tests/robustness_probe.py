@@ -20,8 +20,8 @@ from pathlib import Path
 
 import accelerate.checkpointing
 
-from latentvae.training_config import parse_config
-from latentvae.training_step import TrainStep
+from latentvae.training.config import parse_config
+from latentvae.training.step import TrainStep
 from training.train import main
 
 

@@ -1,4 +1,4 @@
-"""eval/benchmark.py --quick on a tiny model and tiny sizes: every mode runs and the files it writes read back."""
+"""`latentvae benchmark` (eval/benchmark.py) --quick on a tiny model and tiny sizes: every mode runs and the files it writes read back."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval import benchmark
+from latentvae.benchmark import modes as benchmark
 from latentvae.cli import main as cli_main
 
 
@@ -58,7 +58,7 @@ def test_quick_benchmark_writes_json_and_markdown(photos, tmp_path):
         "--data-resolution",
         "32",
     ]
-    assert benchmark.main(argv) == 0
+    assert cli_main(["benchmark", *argv]) == 0
     results = json.loads((out / "benchmark.json").read_text())
     assert set(benchmark.MODES) <= set(results)
 

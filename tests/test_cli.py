@@ -15,10 +15,10 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from latentvae.autoencoder_kl import AutoencoderKL
 from latentvae.cli import SUBCOMMANDS, main
-from latentvae.convert import diffusers_to_ldm
-from latentvae.export import export_vae
+from latentvae.files.convert import diffusers_to_ldm
+from latentvae.files.export import export_vae
+from latentvae.models.autoencoder_kl import AutoencoderKL
 
 # Three levels (f4), 32-px tiles so that --tile really tiles a 48-px image.
 CONFIG = {

@@ -17,10 +17,17 @@ import torch
 from bad_data_zoo import handmade_png, permissions_enforced, random_rgb, run_as_nobody, save_rgb, write_broken
 from PIL import Image
 
-from latentvae.data import (
-    ImageData,
+from latentvae.data.images import (
+    BadImageError,
+    ImageBytes,
     ImageDataset,
     collate_images,
+    load_rgb,
+    probe_image,
+)
+from latentvae.data.skips import SkipLog
+from latentvae.data.sources import (
+    ImageData,
     embedded_images,
     find_images,
     load_hf_images,
@@ -28,7 +35,6 @@ from latentvae.data import (
     split_train_val,
     validate_images,
 )
-from latentvae.images import BadImageError, ImageBytes, SkipLog, load_rgb, probe_image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -519,7 +525,7 @@ def test_resize_to_crops_detail_instead_of_the_whole_image(tmp_path):
 
 
 def test_cache_keeps_decoded_images_and_gives_the_same_pixels(tmp_path, monkeypatch):
-    import latentvae.images as images_module
+    import latentvae.data.images as images_module
 
     path = tmp_path / "a.png"
     Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)).save(path)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 from bad_data_zoo import save_rgb
 
-from latentvae.data_benchmark import (
+from latentvae.benchmark.data import (
     LoaderRate,
     benchmark_data,
     format_rates,
     measure_loader,
     workers_to_feed,
 )
-from latentvae.shards import make_shards, shard_pattern
+from latentvae.data.shards import make_shards, shard_pattern
 
 ITEM_SECONDS = 0.01
 
@@ -42,7 +43,13 @@ def test_rates_match_a_known_per_item_cost():
 
 
 def test_workers_needed_to_feed_a_gpu():
-    assert workers_to_feed(30.0, 96.0) == 4  # ceil(1.25 * 96 / 30)
+    # Oracle: count workers up until their combined rate covers the training rate with 25 % headroom.
+    rng = np.random.default_rng(0)
+    for per_worker, train in zip(rng.uniform(1, 300, 200), rng.uniform(1, 2000, 200)):
+        count = 1
+        while count * per_worker < 1.25 * train:
+            count += 1
+        assert workers_to_feed(per_worker, train) == count, (per_worker, train)
     assert workers_to_feed(500.0, 10.0) == 1
     with pytest.raises(ValueError):
         workers_to_feed(0.0, 10.0)

@@ -18,22 +18,19 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from latentvae import AutoencoderKL, export_vae
 from latentvae.cli import SUBCOMMANDS, main
-from latentvae.evaluate_cli import open_data
-from latentvae.evaluation import (
-    EvalData,
-    EvalSettings,
-    MetricNetworks,
+from latentvae.data.images import ImageDataset, load_rgb
+from latentvae.evaluation.evaluate import (
     build_metric_networks,
     evaluate,
+    open_data,
     pad_to_multiple,
-    parse_model_arg,
     prepare_image,
     reconstruct,
 )
-from latentvae.images import ImageDataset, load_rgb
-from latentvae.metrics import frechet_distance, inception_features, psnr, ssim
+from latentvae.evaluation.metrics import frechet_distance, inception_features, psnr, ssim
+from latentvae.evaluation.report import write_outputs
+from latentvae.evaluation.results import EvalData, EvalSettings, MetricNetworks, parse_model_arg
 from latentvae.pretrained import build_lpips
-from latentvae.report import write_outputs
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 FID_FILE = "pt_inception-2015-12-05-6726825d.pth"

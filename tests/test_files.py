@@ -16,11 +16,17 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import latentvae.export
-from latentvae.autoencoder_kl import AutoencoderKL
-from latentvae.convert import diffusers_to_ldm, infer_config, ldm_to_diffusers, to_diffusers_layout
-from latentvae.export import export_vae, model_config
-from latentvae.loading import PickleRefusedError, StateDictMismatchError, VAEFileError, load_vae, read_vae
+import latentvae.files.export
+from latentvae.files.convert import diffusers_to_ldm, infer_config, ldm_to_diffusers, to_diffusers_layout
+from latentvae.files.export import export_vae, model_config
+from latentvae.files.loading import (
+    PickleRefusedError,
+    StateDictMismatchError,
+    VAEFileError,
+    load_vae,
+    read_vae,
+)
+from latentvae.models.autoencoder_kl import AutoencoderKL
 
 
 def kl_config(block_out_channels, layers_per_block=1, latent_channels=4, norm_num_groups=8, **extra) -> dict:
@@ -238,7 +244,7 @@ def test_a_crash_while_writing_leaves_the_old_file_whole(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(latentvae.export, "save_file", crash)
+    monkeypatch.setattr(latentvae.files.export, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         export_vae(perturbed(CONFIGS["2-levels"], seed=1), tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").read_bytes() == before
@@ -367,7 +373,7 @@ def test_a_wrong_file_names_missing_unexpected_and_misshaped_keys(tmp_path):
 def test_a_config_that_does_not_fit_the_weights_is_a_mismatch(tmp_path):
     model = perturbed(CONFIGS["2-levels"])
     wrong = perturbed(kl_config((8, 16), latent_channels=8))
-    ldm_path = latentvae.export.save_ldm(model, tmp_path / "vae.safetensors")
+    ldm_path = latentvae.files.export.save_ldm(model, tmp_path / "vae.safetensors")
     tensors = load_file(ldm_path)
     save_file(tensors, ldm_path, metadata={"config": json.dumps(model_config(wrong))})
     with pytest.raises(StateDictMismatchError, match=r"decoder.conv_in.weight: file \[16, 4, 3, 3\]"):
@@ -389,3 +395,37 @@ def test_unknown_files_are_refused_clearly(tmp_path):
     save_file(tensors, tmp_path / "tiny.safetensors", {"config": json.dumps(config)})
     with pytest.raises(VAEFileError, match="'AutoencoderTiny' is not supported"):
         load_vae(tmp_path / "tiny.safetensors")
+
+
+def test_a_config_value_of_the_wrong_type_names_the_key_the_value_and_the_file(tmp_path, capsys):
+    """`"latent_channels": "four"` in config.json: load_vae, `latentvae info` and training stop with one message
+    naming the key, the value and the file, instead of a TypeError from deep inside torch."""
+    from latentvae.cli import main as cli_main
+    from latentvae.training.config import parse_config
+    from training.train import build_vae
+
+    folder = tmp_path / "vae"
+    export_vae(perturbed(CONFIGS["2-levels"]), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({**config, "latent_channels": "four", "force_upcast": "no"})
+    )
+    fragments = [
+        str(folder),
+        "config.json",
+        "'latent_channels': 'four' (expected int)",
+        "'force_upcast': 'no' (expected bool)",
+    ]
+    with pytest.raises(VAEFileError) as raised:
+        load_vae(folder)
+    assert all(fragment in str(raised.value) for fragment in fragments), raised.value
+
+    assert cli_main(["info", str(folder)]) == 2
+    message = capsys.readouterr().err.strip()
+    assert (
+        len(message.splitlines()) == 1 and "'latent_channels': 'four'" in message and str(folder) in message
+    )
+
+    cfg, _ = parse_config(["--pretrained_model_name_or_path", str(folder)])
+    with pytest.raises(VAEFileError, match="'latent_channels': 'four'"):
+        build_vae(cfg)  # train.py reports a ValueError in one line and exits 2

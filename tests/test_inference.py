@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import latentvae.inference as inference
+import latentvae.models.inference as inference
 from latentvae import AutoencoderKL
-from latentvae.groupnorm_stats import Fp32StatsGroupNorm, use_fp32_statistics
-from latentvae.inference import FP16_MAX, check_fp16, optimize_for_inference
+from latentvae.models.groupnorm_stats import Fp32StatsGroupNorm, use_fp32_statistics
+from latentvae.models.inference import FP16_MAX, check_fp16, optimize_for_inference
 
 
 def perturbed_model(seed: int = 0, **overrides) -> AutoencoderKL:

@@ -12,9 +12,8 @@ import torchvision
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from latentvae.discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
-from latentvae.distributions import DiagonalGaussianDistribution
-from latentvae.losses import AutoencoderLoss, adaptive_gan_weight
+from latentvae.models.discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
+from latentvae.models.distributions import DiagonalGaussianDistribution
 from latentvae.pretrained import (
     ALLOW_DOWNLOAD_ENV,
     FID_INCEPTION,
@@ -24,6 +23,8 @@ from latentvae.pretrained import (
     require_hub_weights,
     torch_hub_checkpoint_dir,
 )
+from latentvae.training.autoencoding import GaussianAutoencoding, gaussian_kl
+from latentvae.training.losses import AutoencoderLoss, adaptive_gan_weight
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def random_lpips():
 
 
 def tiny_autoencoder():
-    from latentvae.autoencoder_kl import AutoencoderKL
+    from latentvae.models.autoencoder_kl import AutoencoderKL
 
     torch.manual_seed(0)
     return AutoencoderKL(
@@ -212,7 +213,7 @@ def test_vanilla_loss_is_binary_cross_entropy():
 def test_pixel_losses():
     x, recon = images(seed=0), images(seed=1)
     for name, oracle in (("mse", F.mse_loss), ("l1", F.l1_loss)):
-        _, logs = AutoencoderLoss(perceptual_weight=0, recon_loss=name).autoencoder_loss(x, recon, None, 0)
+        _, logs = AutoencoderLoss(perceptual_weight=0, recon_loss=name).autoencoder_loss(x, recon, 0)
         torch.testing.assert_close(logs["pixel_loss"], oracle(recon, x))
         torch.testing.assert_close(logs["nll_loss"], oracle(recon, x, reduction="sum") / 2)
 
@@ -222,11 +223,22 @@ def test_kl_term_matches_torch_distributions():
     mean, logvar = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
     posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
     kl = kl_divergence(Normal(mean, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(dim=(1, 2, 3)).mean()
-    x, recon = images(seed=0), images(seed=1)
-    loss, logs = AutoencoderLoss(perceptual_weight=0, kl_weight=0.25).autoencoder_loss(x, recon, posterior, 0)
-    torch.testing.assert_close(logs["kl_loss"], kl)
-    torch.testing.assert_close(loss, F.mse_loss(recon, x, reduction="sum") / 2 + 0.25 * kl)
-    assert AutoencoderLoss(perceptual_weight=0).kl_weight == 1e-6
+    torch.testing.assert_close(gaussian_kl(posterior.parameters), kl)
+    assert GaussianAutoencoding(nn.Identity()).kl_weight == 1e-6  # the SD kl-f8 weight by default
+
+
+def test_the_gaussian_regulariser_returns_the_weighted_kl_and_a_sampled_reconstruction():
+    model, x = tiny_autoencoder(), images()
+    recon, reg_loss, logs = GaussianAutoencoding(model, kl_weight=0.25)(x, torch.Generator().manual_seed(0))
+    moments = model.encode(x).latent_dist.parameters
+    mean, logvar = moments.chunk(2, dim=1)
+    kl = kl_divergence(Normal(mean, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(dim=(1, 2, 3)).mean()
+    torch.testing.assert_close(logs["kl_loss"], kl.detach())
+    torch.testing.assert_close(reg_loss, 0.25 * kl)
+    expected, _ = encode_decode(model, x)  # z = mu + sigma * eps with the same generator seed
+    torch.testing.assert_close(recon, expected)
+    with pytest.raises(ValueError, match="kl_weight must be >= 0"):
+        GaussianAutoencoding(model, kl_weight=-1.0)
 
 
 def test_learned_logvar_nll_and_gradient():
@@ -235,7 +247,7 @@ def test_learned_logvar_nll_and_gradient():
     assert loss_fn.autoencoder_parameters() == [loss_fn.logvar]
     with torch.no_grad():
         loss_fn.logvar.fill_(0.7)
-    loss, logs = loss_fn.autoencoder_loss(x, recon, None, 0)
+    loss, logs = loss_fn.autoencoder_loss(x, recon, 0)
     sse, n_elements = F.mse_loss(recon, x, reduction="sum") / 2, 3 * 32 * 32  # per image
     # nll = sum(rec) / exp(lv) + lv * CHW;  d nll / d lv = -sum(rec) / exp(lv) + CHW
     expected = sse * torch.exp(torch.tensor(-0.7)) + 0.7 * n_elements
@@ -254,8 +266,8 @@ def test_fixed_logvar_is_not_trained():
 
 def test_perceptual_term_in_loss(random_lpips):
     x, recon = images(seed=0), images(seed=1)
-    loss_fn = AutoencoderLoss(random_lpips, perceptual_weight=0.3, kl_weight=0)
-    _, logs = loss_fn.autoencoder_loss(x, recon, None, 0)
+    loss_fn = AutoencoderLoss(random_lpips, perceptual_weight=0.3)
+    _, logs = loss_fn.autoencoder_loss(x, recon, 0)
     lp = random_lpips(x, recon).flatten()
     torch.testing.assert_close(logs["perceptual_loss"], lp.mean())
     torch.testing.assert_close(logs["rec_loss"], F.mse_loss(recon, x) + 0.3 * lp.mean())
@@ -268,8 +280,8 @@ def test_perceptual_term_in_loss(random_lpips):
 def test_perceptual_gradient_reaches_the_encoder(random_lpips):
     model, x = tiny_autoencoder(), images()
     recon, posterior = encode_decode(model, x)
-    with_lpips, _ = AutoencoderLoss(random_lpips, kl_weight=0).autoencoder_loss(x, recon, posterior, 0)
-    without, _ = AutoencoderLoss(perceptual_weight=0, kl_weight=0).autoencoder_loss(x, recon, posterior, 0)
+    with_lpips, _ = AutoencoderLoss(random_lpips).autoencoder_loss(x, recon, 0)
+    without, _ = AutoencoderLoss(perceptual_weight=0).autoencoder_loss(x, recon, 0)
     conv_in = model.encoder.conv_in.weight
     (grad,) = torch.autograd.grad(with_lpips - without, conv_in, retain_graph=True)
     (oracle,) = torch.autograd.grad(random_lpips(x, recon).sum() * 3072 / 2, conv_in)
@@ -329,7 +341,7 @@ def test_autoencoder_loss_with_discriminator():
     recon, _ = encode_decode(model, x)
     last = model.decoder.conv_out.weight
     loss_fn = AutoencoderLoss(perceptual_weight=0, disc_start=10, disc_weight=0.5, disc_factor=0.8)
-    loss, logs = loss_fn.autoencoder_loss(x, recon, None, 10, last_layer=last, discriminator=disc)
+    loss, logs = loss_fn.autoencoder_loss(x, recon, 10, last_layer=last, discriminator=disc)
 
     nll, g = F.mse_loss(recon, x, reduction="sum") / 2, -disc(recon).mean()
     nll_grad = torch.autograd.grad(nll, last, retain_graph=True)[0]
@@ -341,12 +353,12 @@ def test_autoencoder_loss_with_discriminator():
 
     with torch.no_grad():  # validation: no adaptive weight, no GAN term
         recon_eval, _ = encode_decode(model, x)
-        val_loss, val_logs = loss_fn.autoencoder_loss(x, recon_eval, None, 10, discriminator=disc)
+        val_loss, val_logs = loss_fn.autoencoder_loss(x, recon_eval, 10, discriminator=disc)
     assert val_logs["d_weight"] == 0 and val_loss == val_logs["nll_loss"]
     with pytest.raises(ValueError, match="last_layer"):
-        loss_fn.autoencoder_loss(x, recon, None, 10, discriminator=disc)
+        loss_fn.autoencoder_loss(x, recon, 10, discriminator=disc)
     with pytest.raises(ValueError, match="discriminator"):
-        loss_fn.autoencoder_loss(x, recon, None, 10, last_layer=last)
+        loss_fn.autoencoder_loss(x, recon, 10, last_layer=last)
 
 
 def test_discriminator_loss_value():
@@ -371,14 +383,14 @@ def test_discriminator_not_run_before_disc_start():
     x, recon = images(seed=0), images(seed=1).requires_grad_()
     loss_fn = AutoencoderLoss(perceptual_weight=0, disc_start=5)
     disc = RaisingDiscriminator()
-    loss, logs = loss_fn.autoencoder_loss(x, recon, None, 4, discriminator=disc)
+    loss, logs = loss_fn.autoencoder_loss(x, recon, 4, discriminator=disc)
     assert "g_loss" not in logs and "d_weight" not in logs
     d_loss, d_logs = loss_fn.discriminator_loss(x, recon, disc, 4)
     assert d_loss.item() == 0 and not d_loss.requires_grad and not loss_fn.discriminator_active(4)
     with pytest.raises(AssertionError, match="was called"):
         loss_fn.discriminator_loss(x, recon, disc, 5)  # active from disc_start on
     off = AutoencoderLoss(perceptual_weight=0, disc_start=0, disc_weight=0)
-    off.autoencoder_loss(x, recon, None, 100, discriminator=disc)
+    off.autoencoder_loss(x, recon, 100, discriminator=disc)
     assert not off.discriminator_active(100)
 
 
@@ -400,7 +412,7 @@ def test_the_two_steps_do_not_touch_each_other():
     # Autoencoder step: the discriminator's weights do not move (it does receive gradients, which opt_d zeroes).
     disc_before = {k: v.clone() for k, v in disc.named_parameters()}
     opt_d.zero_grad(set_to_none=True)
-    loss, _ = loss_fn.autoencoder_loss(x, recon, posterior, 0, last_layer=last, discriminator=disc)
+    loss, _ = loss_fn.autoencoder_loss(x, recon, 0, last_layer=last, discriminator=disc)
     loss.backward()
     opt_ae.step()
     for name, value in disc.named_parameters():
@@ -427,7 +439,7 @@ def _logvar_grad_worker(rank, world_size, init_file, x, recon, out_dir):
     with torch.no_grad():
         loss_fn.logvar.fill_(0.3)
     shard = slice(rank * 2, rank * 2 + 2)  # each process sees its own half of the batch
-    loss_fn.autoencoder_loss(x[shard], recon[shard], None, 0)[0].backward()
+    loss_fn.autoencoder_loss(x[shard], recon[shard], 0)[0].backward()
     loss_fn.all_reduce_logvar_grad()
     torch.save(loss_fn.logvar.grad, os.path.join(out_dir, f"grad{rank}.pt"))
     dist.destroy_process_group()
@@ -445,6 +457,6 @@ def test_logvar_gradient_is_averaged_across_processes(tmp_path):
     single = AutoencoderLoss(perceptual_weight=0, learn_logvar=True)
     with torch.no_grad():
         single.logvar.fill_(0.3)
-    single.autoencoder_loss(x, recon, None, 0)[0].backward()  # the whole batch in one process
+    single.autoencoder_loss(x, recon, 0)[0].backward()  # the whole batch in one process
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"grad{rank}.pt"), single.logvar.grad)

@@ -171,7 +171,7 @@ def test_presets_build_the_documented_shapes():
     assert sd.downsampling_factor == 8 and sd.config.latent_channels == 4
     tiny = AutoencoderKL.from_preset("tiny-kl-f8", latent_channels=8)
     assert tiny.downsampling_factor == 8 and tiny.config.latent_channels == 8
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match="unknown AutoencoderKL preset"):
         AutoencoderKL.from_preset("sd-kl-f9")
 
 

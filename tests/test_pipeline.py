@@ -28,7 +28,7 @@ from sd_offline import (
     text_to_image,
 )
 
-from latentvae.autoencoder_kl import AutoencoderKL
+from latentvae.models.autoencoder_kl import AutoencoderKL
 
 # fp32 on CPU, identical weights: the pipelines differ only in our VAE's arithmetic order.
 IMAGE_ATOL = 1e-4

@@ -27,8 +27,13 @@ from safetensors.torch import load_file
 from test_train import ROOT, base_flags, checkpoint_tensors, free_port, train, write_images
 from train_helpers import assert_identical, reset_accelerate, snapshot, tensors_in
 
-from latentvae.checkpointing import finalize_checkpoint, is_complete, latest_checkpoint, prune_checkpoints
-from latentvae.images import TooManyBadImagesError
+from latentvae.data.skips import TooManyBadImagesError
+from latentvae.training.checkpointing import (
+    finalize_checkpoint,
+    is_complete,
+    latest_checkpoint,
+    prune_checkpoints,
+)
 
 PROBE = ROOT / "tests" / "robustness_probe.py"
 
@@ -64,7 +69,7 @@ def zoo(tmp_path) -> tuple[Path, dict[str, str | None]]:
 def test_a_zoo_beyond_the_bad_fraction_stops_before_any_model_is_built(zoo, image_dirs, tmp_path):
     folder, expected = zoo
     flags = base_flags((folder, image_dirs[1]), tmp_path / "run") + ["--max_train_steps", "2"]
-    from latentvae.training_config import parse_config
+    from latentvae.training.config import parse_config
     from training.train import main
 
     started = time.time()
@@ -102,8 +107,7 @@ def test_training_on_the_zoo_skips_each_broken_file_once_and_sums_them_up(
 
 
 def test_the_running_check_stops_when_too_many_images_fail_to_decode():
-    from latentvae.images import SkipLog
-    from latentvae.training_data import BadDataMonitor
+    from latentvae.data.skips import BadDataMonitor, SkipLog
 
     log = SkipLog()
     monitor = BadDataMonitor(log, max_fraction=0.1, where="photos/", min_tried=20)
@@ -216,7 +220,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(image_d
 
 
 def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_one_usable(image_dirs, tmp_path):
-    from latentvae.loading import load_vae
+    from latentvae.files.loading import load_vae
 
     flags = ["--max_train_steps", "3", "--checkpointing_steps", "1"]
     out, probe_dir = tmp_path / "run", tmp_path / "probe"
@@ -250,7 +254,7 @@ def make_staging(root: Path, step: int, fill: bytes) -> Path:
 
 
 def test_a_crash_at_any_file_operation_of_a_save_leaves_a_complete_latest(tmp_path, monkeypatch):
-    import latentvae.checkpointing as checkpointing
+    import latentvae.training.checkpointing as checkpointing
 
     real_replace, real_rmtree = os.replace, shutil.rmtree
 
@@ -306,8 +310,8 @@ def test_a_nan_image_skips_its_step_without_touching_weights_optimizer_or_ema(
 ):
     from diffusers.training_utils import EMAModel
 
-    from latentvae.images import ImageDataset
-    from latentvae.training_step import TrainStep
+    from latentvae.data.images import ImageDataset
+    from latentvae.training.step import TrainStep
 
     load_item, step, ema_step = ImageDataset.__getitem__, TrainStep.__call__, EMAModel.step
     steps, ema_steps = [], []
@@ -353,14 +357,14 @@ def test_a_nan_image_skips_its_step_without_touching_weights_optimizer_or_ema(
 
 
 def test_nan_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(image_dirs, tmp_path, monkeypatch):
-    from latentvae.losses import AutoencoderLoss
-    from latentvae.training_step import NonFiniteTrainingError
+    from latentvae.training.losses import AutoencoderLoss
+    from latentvae.training.step import NonFiniteTrainingError
 
     loss = AutoencoderLoss.autoencoder_loss
 
     def diverging(self, *args, **kwargs):  # from the third step on, the loss is NaN
         value, logs = loss(self, *args, **kwargs)
-        global_step = args[3] if len(args) > 3 else kwargs["global_step"]
+        global_step = args[2] if len(args) > 2 else kwargs["global_step"]
         return (value * float("nan"), logs) if global_step >= 2 else (value, logs)
 
     monkeypatch.setattr(AutoencoderLoss, "autoencoder_loss", diverging)

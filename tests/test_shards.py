@@ -24,8 +24,7 @@ from torch.utils.data import DataLoader
 from train_helpers import assert_identical, reset_accelerate
 
 from latentvae.cli import main as cli_main
-from latentvae.images import SkipLog
-from latentvae.shards import (
+from latentvae.data.shards import (
     ShardStream,
     collate_stream,
     expand_shards,
@@ -33,6 +32,7 @@ from latentvae.shards import (
     make_shards,
     shard_pattern,
 )
+from latentvae.data.skips import SkipLog
 
 
 @pytest.fixture(autouse=True)
@@ -222,7 +222,7 @@ def test_first_images_and_held_out_samples(shards):
 def test_resumed_batches_equal_the_uninterrupted_stream(shards, consumed):
     from accelerate import Accelerator
 
-    from latentvae.training_data import ShardBatches
+    from latentvae.data.loaders import ShardBatches
 
     accelerator = Accelerator(cpu=True)
 
@@ -258,7 +258,7 @@ def test_training_on_shards_resumes_exactly(tmp_path):
     image_dirs = (tmp_path / "images" / "train", tmp_path / "images" / "val")
 
     def run(output: Path, *extra: str) -> None:
-        from latentvae.training_config import parse_config
+        from latentvae.training.config import parse_config
         from training.train import main
 
         all_flags = base_flags(image_dirs, output) + flags + list(extra)
@@ -284,7 +284,7 @@ def test_training_on_shards_resumes_exactly(tmp_path):
 def test_resuming_with_another_worker_count_restarts_the_earliest_epoch(shards, caplog):
     from accelerate import Accelerator
 
-    from latentvae.training_data import ShardBatches
+    from latentvae.data.loaders import ShardBatches
 
     saved = [
         {"processes": 2, "workers": 2, "positions": {"0": [3, 1, 2], "1": [2, 4, 1]}, "next": 1},

@@ -63,7 +63,7 @@ def image_dirs(tmp_path_factory) -> tuple[Path, Path]:
 def base_flags(image_dirs, output_dir: Path, random_lpips: bool = True) -> list[str]:
     train_dir, val_dir = image_dirs
     flags = [
-        "--preset", "quickstart",
+        "--recipe", "quickstart",
         "--train_data_dir", str(train_dir),
         "--val_data_dir", str(val_dir),
         "--output_dir", str(output_dir),
@@ -94,7 +94,7 @@ def training_images_by_torchvision(image_dirs) -> torch.Tensor:
 
 def train(image_dirs, output_dir: Path, *flags: str, random_lpips: bool = True) -> Path:
     """Run the training script's `main` in this process with the test flags plus `flags`; returns final/."""
-    from latentvae.training_config import parse_config
+    from latentvae.training.config import parse_config
     from training.train import main
 
     cfg, explicit = parse_config(base_flags(image_dirs, output_dir, random_lpips) + list(flags))
@@ -182,7 +182,7 @@ def test_init_from_alias_and_kebab_flags_start_from_given_weights(trained, image
 def test_trains_from_a_hugging_face_dataset(image_dirs, tmp_path):
     import datasets
 
-    from latentvae.training_config import parse_config
+    from latentvae.training.config import parse_config
     from training.train import main
 
     paths = sorted(str(p) for p in image_dirs[0].glob("*.png"))
@@ -299,7 +299,7 @@ def test_missing_lpips_weights_quickstart_warns_and_trains_without_them(
 
 
 def test_checkpoint_limit_and_crash_leftovers(image_dirs, tmp_path, caplog):
-    from latentvae.checkpointing import resolve_resume_path
+    from latentvae.training.checkpointing import resolve_resume_path
 
     flags = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "2"]
     train(image_dirs, tmp_path, *flags, "--max_train_steps", "4")
@@ -338,7 +338,7 @@ def test_a_sharded_launch_is_refused_before_anything_starts(image_dirs, tmp_path
 def test_help_lists_every_flag_in_both_spellings():
     from dataclasses import fields
 
-    from latentvae.training_config import TrainConfig
+    from latentvae.training.config import TrainConfig
 
     result = subprocess.run(
         [sys.executable, str(TRAIN_SCRIPT), "--help"], capture_output=True, text=True, timeout=120
@@ -350,7 +350,7 @@ def test_help_lists_every_flag_in_both_spellings():
 
 
 def test_the_word_none_on_the_command_line():
-    from latentvae.training_config import parse_config
+    from latentvae.training.config import parse_config
 
     cfg, explicit = parse_config(["--report_to", "none", "--checkpoints_total_limit", "none"])
     assert cfg.report_to == "none" and "report_to" in explicit

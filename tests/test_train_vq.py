@@ -31,7 +31,7 @@ from test_train import (
 from train_helpers import assert_identical, reset_accelerate
 
 # Restarts at every step: each one draws random numbers, which a resumed run must draw alike.
-VQ = ["--preset", "vq-quickstart", "--codebook_restart_steps", "1"]
+VQ = ["--recipe", "vq-quickstart", "--codebook_restart_steps", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_a_resumed_vq_run_gives_the_same_weights_and_codebook_state(extra, image
 
 
 def test_flags_of_the_other_model_kind_are_refused():
-    from latentvae.training_config import parse_config
+    from latentvae.training.config import parse_config
 
     with pytest.raises(SystemExit, match="only --model vq uses --codebook_ema_decay"):
         parse_config(["--codebook_ema_decay", "0.99"])
@@ -97,7 +97,7 @@ def test_flags_of_the_other_model_kind_are_refused():
 
 
 def test_a_saved_config_is_accepted_back_for_either_kind(tmp_path):
-    from latentvae.training_config import TrainConfig, parse_config
+    from latentvae.training.config import TrainConfig, parse_config
 
     for model in ("kl", "vq"):
         saved = TrainConfig(model=model, model_preset="tiny-vq-f4" if model == "vq" else "tiny-kl-f8")

@@ -1,4 +1,4 @@
-"""One training step (`latentvae.training_step`) and position-seeded randomness (`latentvae.seeding`): what flows
+"""One training step (`latentvae.training.step`) and position-seeded randomness (`latentvae.data.seeding`): what flows
 where, against hand-computed gradients and the optimizers' observable effects (CPU, tiny sizes)."""
 
 from __future__ import annotations
@@ -17,14 +17,18 @@ def clean_accelerate_state():
     reset_accelerate()
 
 
-def tiny_train_step(accumulation: int = 1, perceptual: nn.Module | None = None, gan: bool = True):
-    """A `TrainStep` as train.py builds it (prepared by a one-process Accelerator), on a tiny f2 autoencoder."""
+def tiny_train_step(
+    accumulation: int = 1, perceptual: nn.Module | None = None, gan: bool = True, sgd_lr: float | None = None
+):
+    """A `TrainStep` as train.py builds it (prepared by a one-process Accelerator), on a tiny f2 autoencoder; with
+    `sgd_lr`, the autoencoder's optimizer is plain SGD (an update that is exactly -lr x the gradient)."""
     from accelerate import Accelerator
 
-    from latentvae.autoencoder_kl import AutoencoderKL
-    from latentvae.discriminator import NLayerDiscriminator
-    from latentvae.losses import AutoencoderLoss
-    from latentvae.training_step import Reconstruction, TrainStep
+    from latentvae.models.autoencoder_kl import AutoencoderKL
+    from latentvae.models.discriminator import NLayerDiscriminator
+    from latentvae.training.autoencoding import GaussianAutoencoding
+    from latentvae.training.losses import AutoencoderLoss
+    from latentvae.training.step import TrainStep
 
     accelerator = Accelerator(gradient_accumulation_steps=accumulation, cpu=True)
     torch.manual_seed(0)
@@ -42,8 +46,11 @@ def tiny_train_step(accumulation: int = 1, perceptual: nn.Module | None = None, 
         disc_start=0,
         disc_weight=0.5 if gan else 0.0,
     )
-    model = Reconstruction(vae)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    model = GaussianAutoencoding(vae)
+    if sgd_lr is None:
+        optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    else:
+        optimizer = torch.optim.SGD(vae.parameters(), lr=sgd_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     parts = [None, None, None]
@@ -75,7 +82,7 @@ def test_lpips_gradient_reaches_the_encoder():
     # Oracle: the gradient of the LPIPS term alone, by hand: rec = pixel + LPIPS broadcast over (C, H, W), summed
     # over (C, H, W) and averaged over the batch -> C * H * W * mean_b LPIPS_b.
     step = tiny_train_step(gan=False)
-    recon, _ = step.model(batch(), generator=torch.Generator().manual_seed(1))
+    recon, _, _ = step.model(batch(), generator=torch.Generator().manual_seed(1))
     lpips_term = lpips(batch(), recon).mean() * recon[0].numel()
     (expected,) = torch.autograd.grad(lpips_term, step.vae.encoder.conv_in.weight)
     assert expected.abs().max() > 0
@@ -98,7 +105,7 @@ def test_autoencoder_step_leaves_the_discriminator_alone():
 def test_discriminator_step_leaves_autoencoder_gradients_untouched():
     step = tiny_train_step()
     critic = step.accelerator.unwrap_model(step.discriminator)
-    recon, _ = step.model(batch(), generator=torch.Generator().manual_seed(1))  # with its graph
+    recon, _, _ = step.model(batch(), generator=torch.Generator().manual_seed(1))  # with its graph
     grads = {name: torch.randn_like(p) for name, p in step.vae.named_parameters()}
     for name, p in step.vae.named_parameters():
         p.grad = grads[name].clone()
@@ -110,19 +117,39 @@ def test_discriminator_step_leaves_autoencoder_gradients_untouched():
 
 
 def test_accumulation_steps_both_optimizers_once_per_two_batches():
-    step = tiny_train_step(accumulation=2)
+    import copy
+
+    from latentvae.training.autoencoding import GaussianAutoencoding
+
+    lr = 0.05
+    step = tiny_train_step(accumulation=2, sgd_lr=lr)
     critic = step.accelerator.unwrap_model(step.discriminator)
     vae_before, critic_before = snapshot(step.vae), snapshot(critic)
+    vae_copy, critic_copy = copy.deepcopy(step.vae), copy.deepcopy(critic)
     step(batch(0), 0, torch.Generator().manual_seed(1))
     assert not step.accelerator.sync_gradients
     assert_identical(snapshot(step.vae), vae_before)
     assert_identical(snapshot(critic), critic_before)
     step(batch(1), 0, torch.Generator().manual_seed(2))
     assert step.accelerator.sync_gradients
-    assert not torch.equal(
-        snapshot(step.vae)["decoder.conv_out.weight"], vae_before["decoder.conv_out.weight"]
-    )
     assert not torch.equal(snapshot(critic)["main.0.weight"], critic_before["main.0.weight"])
+
+    # Oracle: one SGD step on the mean of the two micro-batches' gradients (same weights, noise and critic),
+    # computed without Accelerate. Summing instead of averaging, or stepping on one batch, would miss it.
+    model, grads = GaussianAutoencoding(vae_copy), []
+    for images, seed in ((batch(0), 1), (batch(1), 2)):
+        recon, kl_loss, _ = model(images, torch.Generator().manual_seed(seed))
+        loss, _ = step.loss_fn.autoencoder_loss(
+            images, recon, 0, last_layer=vae_copy.decoder.conv_out.weight, discriminator=critic_copy
+        )
+        grads.append(torch.autograd.grad(loss + kl_loss, list(vae_copy.parameters())))
+    expected = {
+        name: before - lr * (g0 + g1) / 2 for (name, before), g0, g1 in zip(vae_before.items(), *grads)
+    }
+    after = snapshot(step.vae)
+    assert after.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(after[name], expected[name], rtol=1e-4, atol=1e-6)
 
 
 class RandomDraws(torch.utils.data.Dataset):
@@ -138,7 +165,7 @@ class RandomDraws(torch.utils.data.Dataset):
 def test_epoch_seeded_draws_do_not_depend_on_order_or_workers_and_change_each_epoch():
     from torch.utils.data import DataLoader
 
-    from latentvae.seeding import EpochSeededDataset
+    from latentvae.data.seeding import EpochSeededDataset
 
     def draws(num_workers: int, reverse: bool) -> list[dict[int, float]]:
         dataset = EpochSeededDataset(RandomDraws(), seed=3)
@@ -256,7 +283,7 @@ def test_nonfinite_discriminator_gradient_skips_only_its_update():
 
 
 def test_guard_warns_with_the_files_and_stops_after_too_many_in_a_row(tmp_path, caplog):
-    from latentvae.training_step import NonFiniteGuard, NonFiniteTrainingError
+    from latentvae.training.step import NonFiniteGuard, NonFiniteTrainingError
 
     (tmp_path / "checkpoint-4").mkdir()
     (tmp_path / "checkpoint-4" / "training_state.json").write_text('{"global_step": 4}')

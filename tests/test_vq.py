@@ -18,8 +18,8 @@ from safetensors import safe_open
 
 from latentvae import VQ_PRESETS, VAEFileError, VectorQuantizer, VQModel, export_vae, load_vae
 from latentvae.cli import main as cli_main
-from latentvae.convert import diffusers_to_ldm
-from latentvae.quantizer import nearest_codes
+from latentvae.files.convert import diffusers_to_ldm
+from latentvae.models.quantizer import nearest_codes
 
 
 def _config(block_out_channels=(8, 16), latent_channels=3, num_vq_embeddings=32, norm_num_groups=4, **extra):
@@ -183,7 +183,7 @@ def test_presets_build_ldm_vq_f4_and_a_small_one():
     tiny = VQModel.from_preset("tiny-vq-f4", num_vq_embeddings=64)
     assert tiny.downsampling_factor == 4 and tiny.quantize.n_e == 64
     assert sum(p.numel() for p in tiny.parameters()) < 2e6
-    with pytest.raises(ValueError, match="unknown VQ preset"):
+    with pytest.raises(ValueError, match="unknown VQModel preset"):
         VQModel.from_preset("sd-kl-f8")
 
 

@@ -1,6 +1,6 @@
-"""The VQ model in a training loop made of the pieces training/train.py uses: `VQReconstruction` (the module DDP
-wraps), `AutoencoderLoss` with no posterior, `quantizer_loss`, AdamW, the PatchGAN, and Accelerate's prepare,
-backward and save/load_state.
+"""The VQ model in a training loop made of the pieces training/train.py uses: `VQAutoencoding` (the module DDP
+wraps, returning the quantiser's loss), `AutoencoderLoss`, AdamW, the PatchGAN, and Accelerate's prepare, backward
+and save/load_state.
 
 Oracles: taming's loss formula (for the balance of the quantiser term), a second run of the same loop (resume
 equality), the codebook before and after training (usage, EMA ownership).
@@ -15,9 +15,9 @@ from accelerate import Accelerator
 from train_helpers import reset_accelerate
 
 from latentvae import VQModel
-from latentvae.discriminator import NLayerDiscriminator
-from latentvae.losses import AutoencoderLoss
-from latentvae.vq_training import VQReconstruction, configure_vq_training, quantizer_loss
+from latentvae.models.discriminator import NLayerDiscriminator
+from latentvae.training.autoencoding import VQAutoencoding
+from latentvae.training.losses import AutoencoderLoss
 
 NUM_CODES = 64
 
@@ -58,16 +58,15 @@ def usage_on(vae: VQModel, images: torch.Tensor) -> float:
     return torch.unique(codes).numel() / NUM_CODES
 
 
-def train(vae: VQModel, batches: list[torch.Tensor], lr: float = 2e-3) -> list[dict[str, float]]:
+def train(model: VQAutoencoding, batches: list[torch.Tensor], lr: float = 2e-3) -> list[dict[str, float]]:
     """Plain loop: reconstruction through the codebook, NLL + quantiser loss, AdamW on the trainable weights."""
-    model = VQReconstruction(vae.train())
+    vae = model.train().vae
     loss_fn = AutoencoderLoss(perceptual_weight=0.0, disc_weight=0.0)
     optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99))
     history = []
     for step, images in enumerate(batches):
-        recon, terms = model(images)
-        loss, logs = loss_fn.autoencoder_loss(images, recon, None, step)
-        vq_loss, vq_logs = quantizer_loss(terms, images, codebook_weight=1.0)
+        recon, vq_loss, vq_logs = model(images)
+        loss, logs = loss_fn.autoencoder_loss(images, recon, step)
         (loss + vq_loss).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -83,9 +82,9 @@ USAGE_FLOOR = 0.5
 def test_a_short_run_raises_codebook_usage_above_the_floor(ema_decay):
     batches, held_out = smooth_batches(100), smooth_batches(1, batch=8, seed=99)[0]
     vae = tiny_vq()
-    configure_vq_training(vae, ema_decay=ema_decay, restart_after=10, usage_window=10)
+    model = VQAutoencoding(vae, ema_decay=ema_decay, restart_after=10, usage_window=10)
     before = usage_on(vae, held_out)
-    history = train(vae, batches)
+    history = train(model, batches)
     assert before < 0.25  # the tiny initial codebook: most latents fall on a handful of codes
     assert usage_on(vae, held_out) >= USAGE_FLOOR
     assert history[-1]["codebook_usage"] >= USAGE_FLOOR  # the logged window usage agrees
@@ -98,18 +97,17 @@ def test_without_restarts_an_ema_codebook_stays_collapsed():
     """The contrast to the run above: the same EMA codebook and data, no dead-code restarts."""
     batches, held_out = smooth_batches(100), smooth_batches(1, batch=8, seed=99)[0]
     vae = tiny_vq()
-    configure_vq_training(vae, ema_decay=0.9, restart_after=0, usage_window=10)
-    history = train(vae, batches)
+    history = train(VQAutoencoding(vae, ema_decay=0.9, restart_after=0, usage_window=10), batches)
     assert usage_on(vae, held_out) < USAGE_FLOOR
     assert history[-1]["codebook_usage"] < USAGE_FLOOR
 
 
 def test_ema_codebook_is_moved_by_its_statistics_not_by_the_optimizer():
     vae = tiny_vq()
-    configure_vq_training(vae, ema_decay=0.9, restart_after=5)
+    model = VQAutoencoding(vae, ema_decay=0.9, restart_after=5)
     codebook = vae.quantize.embedding.weight
     before = codebook.detach().clone()
-    history = train(vae, smooth_batches(8))
+    history = train(model, smooth_batches(8))
     assert codebook.grad is None and not codebook.requires_grad
     assert not torch.equal(codebook, before)
     assert all(h["codebook_loss"] > 0 for h in history)  # measured and logged, but not in the loss:
@@ -122,27 +120,24 @@ def test_quantiser_loss_keeps_the_balance_of_taming_vqlpips():
     """taming: loss = mean|x - x_hat| + codebook_weight * vq_loss (per-element means). AutoencoderLoss sums the NLL
     over C, H, W, so the whole VQ objective must be exactly C*H*W times taming's."""
     vae = tiny_vq()
-    configure_vq_training(vae)
     images = smooth_batches(1)[0]
-    recon, terms = VQReconstruction(vae.train())(images)
+    recon, vq_loss, logs = VQAutoencoding(vae, codebook_weight=0.7).train()(images)
     loss_fn = AutoencoderLoss(perceptual_weight=0.0, disc_weight=0.0, recon_loss="l1")
-    nll, _ = loss_fn.autoencoder_loss(images, recon, None, 0)
-    vq_loss, _ = quantizer_loss(terms, images, codebook_weight=0.7)
-    taming = (images - recon).abs().mean() + 0.7 * terms["loss"]
+    nll, _ = loss_fn.autoencoder_loss(images, recon, 0)
+    # taming's vq_loss, from its parts: codebook + beta x commitment (the paper's weighting, beta 0.25)
+    taming = (images - recon).abs().mean() + 0.7 * (logs["codebook_loss"] + 0.25 * logs["commitment_loss"])
     torch.testing.assert_close(nll + vq_loss, 3 * 32 * 32 * taming, rtol=1e-5, atol=0)
 
 
 def test_the_gan_path_trains_through_the_quantiser():
     vae = tiny_vq()
-    configure_vq_training(vae)
     images = smooth_batches(1)[0]
     discriminator = NLayerDiscriminator(n_layers=1, ndf=8)
     loss_fn = AutoencoderLoss(perceptual_weight=0.0, disc_weight=0.75, disc_start=0)
-    recon, terms = VQReconstruction(vae.train())(images)
+    recon, vq_loss, _ = VQAutoencoding(vae).train()(images)
     loss, logs = loss_fn.autoencoder_loss(
-        images, recon, None, 0, last_layer=vae.decoder.conv_out.weight, discriminator=discriminator
+        images, recon, 0, last_layer=vae.decoder.conv_out.weight, discriminator=discriminator
     )
-    vq_loss, _ = quantizer_loss(terms, images)
     (loss + vq_loss).backward()
     assert torch.isfinite(logs["d_weight"]) and logs["d_weight"] > 0
     assert vae.encoder.conv_in.weight.grad.abs().sum() > 0  # the generator and NLL terms reach the encoder
@@ -154,8 +149,8 @@ def test_the_gan_path_trains_through_the_quantiser():
 def test_decoder_only_keeps_the_codebook_fixed():
     vae = tiny_vq()
     with pytest.raises(ValueError, match="keeps the codebook fixed"):
-        configure_vq_training(vae, ema_decay=0.99, decoder_only=True)
-    configure_vq_training(vae, decoder_only=True)
+        VQAutoencoding(vae, ema_decay=0.99, decoder_only=True)
+    VQAutoencoding(vae, decoder_only=True)
     assert not vae.quantize.embedding.weight.requires_grad
 
 
@@ -166,8 +161,8 @@ def _accelerated_run(
     try:
         accelerator = Accelerator(cpu=True)
         vae = tiny_vq()
-        tracker = configure_vq_training(vae, ema_decay=0.8, restart_after=1)  # restarts draw random numbers
-        model = VQReconstruction(vae.train())
+        model = VQAutoencoding(vae, ema_decay=0.8, restart_after=1).train()  # restarts draw random numbers
+        (tracker,) = model.training_state()
         optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-3)
         model, optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_for_checkpointing(tracker)
@@ -175,9 +170,9 @@ def _accelerated_run(
         if resume:
             accelerator.load_state(str(checkpoint_dir))
         for step, images in enumerate(batches):
-            recon, terms = model(images)
-            loss, _ = loss_fn.autoencoder_loss(images, recon, None, step)
-            accelerator.backward(loss + quantizer_loss(terms, images)[0])
+            recon, vq_loss, _ = model(images)
+            loss, _ = loss_fn.autoencoder_loss(images, recon, step)
+            accelerator.backward(loss + vq_loss)
             optimizer.step()
             optimizer.zero_grad()
             if step + 1 == save_after:

@@ -18,8 +18,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from latentvae.images import ImageDataset
-from latentvae.training_config import parse_config
+from latentvae.data.images import ImageDataset
+from latentvae.training.config import parse_config
 from training.train import main
 
 

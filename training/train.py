@@ -1,22 +1,23 @@
 """Train an SD-style KL autoencoder (or a VQ one, `--model vq`) with Accelerate.
 
-    accelerate launch training/train.py --preset quickstart          # minutes on a CPU, no data or network needed
+    accelerate launch training/train.py --recipe quickstart          # minutes on a CPU, no data or network needed
     accelerate launch training/train.py --train_data_dir DIR         # the SD kl-f8 recipe from scratch
     accelerate launch training/train.py --pretrained_model_name_or_path vae.safetensors --decoder_only ...
-    accelerate launch training/train.py --model vq --preset vq-f4 --train_data_dir DIR   # LDM's vq-f4 recipe
+    accelerate launch training/train.py --recipe vq-f4 --train_data_dir DIR   # LDM's vq-f4 recipe
     accelerate launch training/train.py --train_shards 'shards/shard-{000000..000099}.tar' --max_train_steps N
 
 Reads top to bottom: setup, data, model and EMA, losses and optimizers, `accelerator.prepare`, resume, loop
 (one `TrainStep` per batch: autoencoder step, discriminator step; then EMA, logging, validation, checkpoints), then
-the latent scaling factor and the export to `output_dir/final/`. The step itself is `latentvae.training_step`; the
-randomness that makes a resumed run exact is `latentvae.seeding`; the data (folder, dataset or streamed shards) is
-`latentvae.training_data`.
+the latent scaling factor and the export to `output_dir/final/`. The module DDP wraps (reconstruction plus the
+latent regulariser's loss: KL or VQ) is `latentvae.training.autoencoding`; the step itself is
+`latentvae.training.step`; the randomness that makes a resumed run exact is `latentvae.data.seeding`; the data
+(folder, dataset or streamed shards) is `latentvae.data.loaders`.
 
 What may go wrong, and what happens then: a broken image is skipped with a warning and counted (more than
 --max_bad_fraction is an error with the list); SIGTERM / SIGINT finishes the step, writes a checkpoint and exits 0
-(a second signal exits at once: `latentvae.signals`); a kill leaves the newest complete checkpoint usable
-(`latentvae.checkpointing`); a NaN/inf loss or gradient skips the step, more than --max_nonfinite_steps in a row
-stop the run.
+(a second signal exits at once: `latentvae.training.signals`); a kill leaves the newest complete checkpoint usable
+(`latentvae.training.checkpointing`); a NaN/inf loss or gradient skips the step, more than --max_nonfinite_steps in a
+row stop the run.
 """
 
 from __future__ import annotations
@@ -41,25 +42,26 @@ from accelerate.utils import (
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from latentvae import AutoencoderKL, VQModel
-from latentvae.checkpointing import latest_checkpoint, resume, resume_command, save_checkpoint
-from latentvae.discriminator import NLayerDiscriminator
-from latentvae.export import export_vae
-from latentvae.images import ImageDataset, SkipLog, collate_images
-from latentvae.latent_stats import measure_latent_stats
-from latentvae.loading import load_vae
-from latentvae.losses import AutoencoderLoss
+from latentvae.data.images import collate_images
+from latentvae.data.loaders import build_training_data
+from latentvae.data.seeding import derived_generator
+from latentvae.data.skips import SkipLog
+from latentvae.evaluation.latent_stats import measure_latent_stats
+from latentvae.files.export import export_vae
+from latentvae.files.loading import load_vae
+from latentvae.models.discriminator import NLayerDiscriminator
 from latentvae.pretrained import MissingWeightsError, build_lpips
-from latentvae.seeding import derived_generator
-from latentvae.signals import PreemptionHandler
-from latentvae.training_config import TrainConfig, parse_config
-from latentvae.training_data import build_training_data
-from latentvae.training_step import NonFiniteGuard, NonFiniteTrainingError, Reconstruction, TrainStep
-from latentvae.validation import save_grid, validate
-from latentvae.vq_training import VQReconstruction, configure_vq_training
+from latentvae.training.autoencoding import build_autoencoding
+from latentvae.training.checkpointing import latest_checkpoint, resume, resume_command, save_checkpoint
+from latentvae.training.config import TrainConfig, parse_config
+from latentvae.training.losses import AutoencoderLoss
+from latentvae.training.signals import PreemptionHandler, ignore_stop_signals
+from latentvae.training.step import NonFiniteGuard, NonFiniteTrainingError, TrainStep
+from latentvae.training.validation import save_grid, validate
 
 logger = get_logger("latentvae.train", log_level="INFO")
 
@@ -84,17 +86,6 @@ def build_vae(cfg: TrainConfig) -> AutoencoderKL | VQModel:
         vae.encoder.requires_grad_(False)
         if vae.quant_conv is not None:
             vae.quant_conv.requires_grad_(False)
-    if cfg.model == "vq":  # after the freezing above: decoder-only also fixes the codebook
-        configure_vq_training(
-            vae,
-            beta=cfg.commitment_beta,
-            legacy=cfg.legacy_vq_loss,
-            ema_decay=cfg.codebook_ema_decay,
-            restart_after=cfg.codebook_restart_steps,
-            usage_window=cfg.codebook_usage_window,
-            decoder_only=cfg.decoder_only,
-            seed=cfg.seed,
-        )
     if cfg.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     if cfg.channels_last:
@@ -162,7 +153,7 @@ def checkpoint(accelerator, cfg, vae, data, step: int) -> Path:
     )
 
 
-def run_validation(accelerator, cfg, vae, ema, val_set, perceptual, step) -> dict[str, float]:
+def run_validation(accelerator, cfg, vae, ema, val_set, perceptual, step: int) -> dict[str, float]:
     """PSNR / SSIM (/ LPIPS) and a grid on the validation images, with EMA weights when EMA is on (main process)."""
     metrics: dict[str, float] = {}
     if accelerator.is_main_process:
@@ -187,10 +178,107 @@ def run_validation(accelerator, cfg, vae, ema, val_set, perceptual, step) -> dic
     return metrics
 
 
-def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
-    """Train and export to `output_dir/final/`; returns that folder, or the checkpoint written when a SIGTERM /
-    SIGINT stopped the run early."""
-    # -- setup --------------------------------------------------------------------------------------------------
+def build_optimizers(accelerator, cfg, model, loss_fn, max_steps):
+    """AdamW for the autoencoder (and the loss's learned logvar), and for the discriminator when the GAN is on,
+    each with its learning-rate schedule; all prepared. Returns `(model, opt_ae, sched_ae, critic, opt_d, sched_d)`
+    with the last three None without a GAN."""
+    lr = lr_for(cfg, accelerator)
+    adam = dict(
+        betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
+    )
+
+    def schedule(optimizer):
+        # Accelerate steps a prepared scheduler once per process, hence the factor (as in the diffusers examples).
+        return get_scheduler(
+            cfg.lr_scheduler,
+            optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=max_steps * accelerator.num_processes,
+        )
+
+    ae_params = [p for p in model.parameters() if p.requires_grad] + loss_fn.autoencoder_parameters()
+    opt_ae = torch.optim.AdamW(ae_params, lr=lr, **adam)
+    model, opt_ae, sched_ae = accelerator.prepare(model, opt_ae, schedule(opt_ae))
+    if cfg.disc_weight <= 0:
+        return model, opt_ae, sched_ae, None, None, None
+    critic = NLayerDiscriminator()
+    opt_d = torch.optim.AdamW(critic.parameters(), lr=cfg.disc_learning_rate or lr, **adam)
+    critic, opt_d, sched_d = accelerator.prepare(critic, opt_d, schedule(opt_d))
+    return model, opt_ae, sched_ae, critic, opt_d, sched_d
+
+
+class StepLog:
+    """Training scalars every `--logging_steps`: the step's losses, the learning rate and images per second."""
+
+    def __init__(self, accelerator, cfg, scheduler, progress, step: int):
+        self.accelerator, self.cfg, self.scheduler, self.progress = accelerator, cfg, scheduler, progress
+        self.images_per_step = (
+            cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+        )
+        self.tick, self.tick_step = time.time(), step
+
+    def __call__(self, step: int, logs: dict) -> None:
+        elapsed = time.time() - self.tick
+        rate = (step - self.tick_step) * self.images_per_step / max(elapsed, 1e-9)
+        self.tick, self.tick_step = time.time(), step
+        scalars = {f"train/{k}": float(v) for k, v in logs.items()}
+        scalars.update({"train/lr": self.scheduler.get_last_lr()[0], "train/images_per_s": rate})
+        self.accelerator.log(scalars, step=step)
+        self.progress.set_postfix(loss=f"{scalars['train/loss']:.4g}", img_s=f"{rate:.1f}")
+
+
+def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, started: float) -> Path:
+    """Measure the latent scaling factor (EMA weights when EMA is on), export to `output_dir/final/` and print the
+    summary (main process)."""
+    skipped = SkipLog()  # the skips every process saw, for the summary
+    for reasons in gather_object([data.skip_log.reasons]):
+        skipped.merge(reasons.items())
+    accelerator.wait_for_everyone()
+    final_dir = Path(cfg.output_dir) / "final"
+    if accelerator.is_main_process:
+        vae.eval()
+        if ema is not None:
+            ema.copy_to(vae.parameters())
+        stats_loader = DataLoader(
+            data.statistics_set(), batch_size=cfg.train_batch_size, collate_fn=collate_images
+        )
+        stats = measure_latent_stats(
+            vae,
+            (b["pixel_values"] for b in stats_loader),
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        vae.register_to_config(scaling_factor=stats.scaling_factor)
+        weights = "EMA" if ema is not None else "trained"
+        export_vae(
+            vae,
+            final_dir,
+            metadata={
+                "weights": weights.lower(),
+                "global_step": str(step),
+                "latent_channel_mean": str(stats.channel_mean),
+                "latent_channel_std": str(stats.channel_std),
+                "scaling_factor_images": str(stats.num_images),
+            },
+        )
+        skipped.merge(data.skip_log.reasons.items())  # found while measuring the statistics
+        name = type(vae).__name__
+        summary = [
+            f"done: {step} steps in {(time.time() - started) / 60:.1f} min",
+            f"final validation: PSNR {val_metrics.get('psnr', float('nan')):.2f} dB, "
+            f"SSIM {val_metrics.get('ssim', float('nan')):.4f} on {val_metrics.get('num_images', 0)} images",
+            f"latent scaling factor {stats.scaling_factor:.5f} (1 / std over {stats.num_images} training images)",
+            f"skipped images: {skipped.summary()}",
+            f"checkpoints: {cfg.output_dir}/checkpoint-*   validation grids: {cfg.output_dir}/validation/",
+            f"{name}: {final_dir} (weights: {weights})",
+            f"use it: diffusers.{name}.from_pretrained('{final_dir}'), e.g. as a pipeline's `{vae.pipeline_component}`",
+        ]
+        print("\n".join(summary), flush=True)
+    accelerator.end_training()
+    return final_dir
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's `Accelerator`; sharded launches (FSDP, DeepSpeed) are refused before it starts."""
     output_dir = Path(cfg.output_dir)
     # Asked for by `accelerate launch --use_fsdp / --use_deepspeed` or such an `accelerate config` (both set these
     # variables). Checked before Accelerate starts: on CPU-only machines it would silently run DDP instead.
@@ -216,79 +304,53 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
         DistributedType.DEEPSPEED,
     ):  # set some other way
         refuse_sharding(accelerator.distributed_type.value)
+    return accelerator
+
+
+def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
+    """Train and export to `output_dir/final/`; returns that folder, or the checkpoint written when a SIGTERM /
+    SIGINT stopped the run early."""
+    # -- setup --------------------------------------------------------------------------------------------------
+    output_dir = Path(cfg.output_dir)
+    accelerator = build_accelerator(cfg)
     # Identical initial weights on every process. Crops and posterior noise do not use this global RNG: they
-    # are seeded by position (latentvae.seeding), which is what makes a resumed run exact.
+    # are seeded by position (latentvae.data.seeding), which is what makes a resumed run exact.
     set_seed(cfg.seed)
     started = time.time()
 
     # -- data, and the perceptual loss (both fail here, before any model is built) -------------------------------
-    data = build_training_data(cfg, accelerator)  # a folder, a dataset or streamed shards
+    data = build_training_data(cfg.data_settings(), accelerator, worker_init_fn=ignore_stop_signals)
     logger.info(data.description, main_process_only=True)
-    crops = dict(resize_to=cfg.resize_to, cache=cfg.cache_images, skip_log=data.skip_log)
-    val_images = ImageDataset(data.val, cfg.resolution, train=False, **crops)
-    val_set = Subset(val_images, range(min(cfg.num_validation_images, len(val_images))))
-    images_per_step = cfg.train_batch_size * accelerator.num_processes
+    val_set = data.validation_set()
     perceptual = build_perceptual(cfg, explicit)
 
     # -- model, EMA, losses, optimizers -------------------------------------------------------------------------
     vae = build_vae(cfg)
-    model = VQReconstruction(vae) if cfg.model == "vq" else Reconstruction(vae)
+    model = build_autoencoding(
+        vae, cfg
+    )  # the module DDP wraps: reconstruction + the latent regulariser's loss
     ema = EMAModel(vae.parameters(), decay=cfg.ema_decay, foreach=True) if cfg.ema_decay > 0 else None
     loss_fn = AutoencoderLoss(
         perceptual_loss=perceptual,
         perceptual_weight=cfg.perceptual_weight,
         recon_loss=cfg.recon_loss,
-        kl_weight=cfg.kl_weight,
         learn_logvar=cfg.learn_logvar,
         disc_weight=cfg.disc_weight,
         disc_start=cfg.disc_start,
     ).to(accelerator.device)
-    use_gan = cfg.disc_weight > 0
-    discriminator = NLayerDiscriminator() if use_gan else None
-
-    lr = lr_for(cfg, accelerator)
-    adam = dict(
-        betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
-    )
-    ae_params = [p for p in vae.parameters() if p.requires_grad] + loss_fn.autoencoder_parameters()
-    opt_ae = torch.optim.AdamW(ae_params, lr=lr, **adam)
     steps_per_epoch = data.batches.steps_per_epoch  # None for a stream, which needs --max_train_steps
     max_steps = (
         cfg.max_train_steps if cfg.max_train_steps is not None else cfg.num_train_epochs * steps_per_epoch
     )
-
-    def schedule(optimizer):
-        # Accelerate steps a prepared scheduler once per process, hence the factor (as in the diffusers examples).
-        return get_scheduler(
-            cfg.lr_scheduler,
-            optimizer,
-            num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=max_steps * accelerator.num_processes,
-        )
-
-    sched_ae = schedule(opt_ae)
-    model, opt_ae, sched_ae = accelerator.prepare(model, opt_ae, sched_ae)
-    opt_d = sched_d = None
-    if use_gan:
-        opt_d = torch.optim.AdamW(discriminator.parameters(), lr=cfg.disc_learning_rate or lr, **adam)
-        sched_d = schedule(opt_d)
-        discriminator, opt_d, sched_d = accelerator.prepare(discriminator, opt_d, sched_d)
-    codebook_weight = cfg.codebook_weight if cfg.model == "vq" else None
-    train_step = TrainStep(
-        accelerator,
-        model,
-        loss_fn,
-        opt_ae,
-        sched_ae,
-        cfg.max_grad_norm,
-        discriminator,
-        opt_d,
-        sched_d,
-        codebook_weight=codebook_weight,
+    training_state = model.training_state()  # e.g. a VQ codebook's EMA statistics, outside the state_dict
+    model, opt_ae, sched_ae, critic, opt_d, sched_d = build_optimizers(
+        accelerator, cfg, model, loss_fn, max_steps
     )
-    accelerator.register_for_checkpointing(loss_fn)  # the learned logvar
-    if cfg.model == "vq":  # EMA codebook statistics and usage history: not in the model's state_dict
-        accelerator.register_for_checkpointing(vae.quantize.tracker)
+    train_step = TrainStep(
+        accelerator, model, loss_fn, opt_ae, sched_ae, cfg.max_grad_norm, critic, opt_d, sched_d
+    )
+    for state in [loss_fn, *training_state]:  # the learned logvar, the regulariser's state
+        accelerator.register_for_checkpointing(state)
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
@@ -306,16 +368,18 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     # -- loop -----------------------------------------------------------------------------------------------------
     logger.info(
         f"{sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M parameters, {max_steps} steps of "
-        f"{images_per_step * cfg.gradient_accumulation_steps} images, lr {lr:.3g}",
+        f"{cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps} images, "
+        f"lr {lr_for(cfg, accelerator):.3g}",
         main_process_only=True,
     )
     progress = tqdm(
         total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process
     )
+    log_step = StepLog(accelerator, cfg, sched_ae, progress, global_step)
     val_metrics: dict[str, float] = {}
-    tick, tick_step = time.time(), global_step
-    # Batches since the last optimizer step; checkpoints fall on optimizer steps, so it is 0 on resume.
-    micro_step = 0
+    micro_step = (
+        0  # batches since the last optimizer step; checkpoints fall on optimizer steps, so 0 on resume
+    )
     step_files: list[str] = []  # the files of the current step's batches, named if its loss is not finite
     nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, output_dir)
     with PreemptionHandler() as preemption:
@@ -341,21 +405,14 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
             step_files = []
             if ema is not None and train_step.updated:
                 ema.step(vae.parameters())
-            if global_step % cfg.logging_steps == 0 or global_step == max_steps:
-                elapsed = time.time() - tick
-                images_seen = (global_step - tick_step) * images_per_step * cfg.gradient_accumulation_steps
-                tick, tick_step = time.time(), global_step
-                scalars = {f"train/{k}": float(v) for k, v in logs.items()}
-                rate = images_seen / max(elapsed, 1e-9)
-                scalars.update({"train/lr": sched_ae.get_last_lr()[0], "train/images_per_s": rate})
-                accelerator.log(scalars, step=global_step)
-                progress.set_postfix(loss=f"{scalars['train/loss']:.4g}", img_s=f"{rate:.1f}")
-            if global_step % cfg.validation_steps == 0 or global_step == max_steps:
+            last = global_step == max_steps
+            if global_step % cfg.logging_steps == 0 or last:
+                log_step(global_step, logs)
+            if global_step % cfg.validation_steps == 0 or last:
                 val_metrics = run_validation(accelerator, cfg, vae, ema, val_set, perceptual, global_step)
             stop = preemption.stop_requested(accelerator)  # a SIGTERM / SIGINT reached some process
-            due = stop or global_step % cfg.checkpointing_steps == 0 or global_step == max_steps
             # Never right after a non-finite step: weights that cause NaN must not push out the good checkpoints.
-            if due and nonfinite.run == 0:
+            if (stop or global_step % cfg.checkpointing_steps == 0 or last) and nonfinite.run == 0:
                 checkpoint(accelerator, cfg, vae, data, global_step)
             if stop:
                 progress.close()
@@ -372,52 +429,7 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     progress.close()
 
     # -- scaling factor and export ---------------------------------------------------------------------------
-    skipped = SkipLog()  # the skips every process saw, for the summary
-    for reasons in gather_object([data.skip_log.reasons]):
-        skipped.merge(reasons.items())
-    accelerator.wait_for_everyone()
-    final_dir = output_dir / "final"
-    if accelerator.is_main_process:
-        vae.eval()
-        if ema is not None:
-            ema.copy_to(vae.parameters())
-        stats_images = ImageDataset(data.stats, cfg.resolution, train=False, **crops)
-        stats_set = Subset(stats_images, range(min(cfg.scaling_factor_images, len(stats_images))))
-        stats_loader = DataLoader(stats_set, batch_size=cfg.train_batch_size, collate_fn=collate_images)
-        stats = measure_latent_stats(
-            vae,
-            (b["pixel_values"] for b in stats_loader),
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
-        vae.register_to_config(scaling_factor=stats.scaling_factor)
-        export_vae(
-            vae,
-            final_dir,
-            metadata={
-                "weights": "ema" if ema is not None else "trained",
-                "global_step": str(global_step),
-                "latent_channel_mean": str(stats.channel_mean),
-                "latent_channel_std": str(stats.channel_std),
-                "scaling_factor_images": str(stats.num_images),
-            },
-        )
-        skipped.merge(data.skip_log.reasons.items())  # found while measuring the statistics
-        minutes = (time.time() - started) / 60
-        summary = [
-            f"done: {global_step} steps in {minutes:.1f} min",
-            f"final validation: PSNR {val_metrics.get('psnr', float('nan')):.2f} dB, "
-            f"SSIM {val_metrics.get('ssim', float('nan')):.4f} on {val_metrics.get('num_images', 0)} images",
-            f"latent scaling factor {stats.scaling_factor:.5f} (1 / std over {stats.num_images} training images)",
-            f"skipped images: {skipped.summary()}",
-            f"checkpoints: {output_dir}/checkpoint-*   validation grids: {output_dir}/validation/",
-            f"VAE: {final_dir} (weights: {'EMA' if ema is not None else 'trained'})",
-            f"use it: AutoencoderKL.from_pretrained('{final_dir}') then StableDiffusionPipeline.from_pretrained(..., vae=vae)"
-            if cfg.model == "kl"
-            else f"use it: VQModel.from_pretrained('{final_dir}') (diffusers), e.g. as an LDM pipeline's vqvae",
-        ]
-        print("\n".join(summary), flush=True)
-    accelerator.end_training()
-    return final_dir
+    return finish(accelerator, cfg, vae, ema, data, global_step, val_metrics, started)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,35 @@
+"""`latentvae convert IN OUT --to diffusers|ldm`: rewrite a VAE in the other key layout (optionally another dtype)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from latentvae.cli.common import DTYPE_NAMES, UsageError, add_allow_pickle
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="VAE folder or weights file to read")
+    parser.add_argument("output", help="--to diffusers: a folder; --to ldm: a .safetensors file")
+    parser.add_argument("--to", required=True, choices=("diffusers", "ldm"), help="key layout to write")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="stored dtype (default: that of the input)")
+    add_allow_pickle(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the parser is built without loading torch and diffusers.
+    from latentvae.files.export import save_diffusers, save_ldm
+    from latentvae.files.loading import build_vae, read_vae
+    from latentvae.models.inference import DTYPES
+
+    output = Path(args.output)
+    if args.to == "ldm" and (output.suffix != ".safetensors" or output.is_dir()):
+        raise UsageError(f"--to ldm writes one file; OUT must be a .safetensors file path, got {output}")
+    if args.to == "diffusers" and output.exists() and not output.is_dir():
+        raise UsageError(f"--to diffusers writes a folder; {output} exists and is a file")
+    vae_file = read_vae(args.input, allow_pickle=args.allow_pickle)
+    source_dtype = next(iter(vae_file.state_dict.values())).dtype
+    model = build_vae(vae_file, dtype=DTYPES[args.dtype] if args.dtype else source_dtype)
+    written = save_ldm(model, output) if args.to == "ldm" else save_diffusers(model, output)
+    print(f"wrote {written} ({args.to} layout, {model.dtype}) from {vae_file.file_format} {vae_file.path}")
+    return 0

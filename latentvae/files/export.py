@@ -1,0 +1,183 @@
+"""Write a trained VAE to disk: a diffusers folder plus one original-SD (ldm) single file beside it.
+
+Both model kinds are written the same way. `AutoencoderKL`: `_class_name` "AutoencoderKL", and the ldm file is the
+SD VAE layout that AUTOMATIC1111 and ComfyUI load. `VQModel`: `_class_name` "VQModel" (`diffusers.VQModel`
+loads the folder), and the ldm file is the layout of CompVis latent-diffusion's `VQModel` checkpoints (vq-f4,
+vq-f8: the same encoder/decoder names plus `quantize.embedding.weight`), which `load_vae` and latent-diffusion's
+`init_from_ckpt` read; the SD tools have no use for a VQ first stage, but the file costs little and keeps one
+export format for both kinds.
+
+Layout written by `export_vae(model, "runs/faces-vae")`::
+
+    runs/faces-vae/config.json                          diffusers config, every constructor key explicit
+    runs/faces-vae/diffusion_pytorch_model.safetensors  diffusers key layout
+    runs/faces-vae/faces-vae.safetensors                ldm key layout (AUTOMATIC1111 / ComfyUI / from_single_file),
+                                                        the same config as JSON in its metadata under "config"
+
+Every file is written to a temporary file in the destination folder and moved into place with `os.replace`, so
+a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from latentvae.files.convert import diffusers_to_ldm
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# safetensors metadata keys of the ldm file: the model config as JSON, and a marker saying we wrote the file
+# (a re-export replaces only files carrying it, never a user's own file).
+CONFIG_METADATA_KEY = "config"
+MARKER_METADATA_KEY = "latentvae_layout"
+_DIFFUSERS_ONLY_KEYS = ("_name_or_path",)
+EXPORTABLE_CLASSES = ("AutoencoderKL", "VQModel")
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp)` on a temporary file next to `path`, flush it to disk, then rename it over `path`."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def model_config(model: torch.nn.Module) -> dict:
+    """The model's full diffusers config, with every constructor argument stated explicitly.
+
+    Args:
+        model: an `AutoencoderKL` or `VQModel` (ours or diffusers').
+
+    Returns:
+        A JSON-ready dict: `_class_name`, `_diffusers_version` and one entry per constructor argument. Arguments
+        missing from `model.config` (e.g. a config saved by an older version) get their constructor default, so
+        that loaders never fall back to a default of their own (diffusers' `force_upcast=True` bites otherwise).
+    """
+    config = json.loads(model.to_json_string())
+    for key in _DIFFUSERS_ONLY_KEYS:
+        config.pop(key, None)
+    for name, param in inspect.signature(type(model).__init__).parameters.items():
+        if name != "self" and param.kind is param.POSITIONAL_OR_KEYWORD and name not in config:
+            config[name] = param.default if not isinstance(param.default, tuple) else list(param.default)
+    return config
+
+
+def _cpu_contiguous(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses non-contiguous tensors and tensors sharing memory with each other.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+
+
+def save_diffusers(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
+    """Write `config.json` and `diffusion_pytorch_model.safetensors`, for the model class's `from_pretrained`.
+
+    Args:
+        model: the `AutoencoderKL` or `VQModel` to save, in the dtype it should be stored in.
+        out_dir: destination folder, created if missing.
+
+    Returns:
+        The folder.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = _cpu_contiguous(model.state_dict())
+    text = json.dumps(model_config(model), indent=2, sort_keys=True) + "\n"
+    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return out
+
+
+def save_ldm(
+    model: torch.nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write one `.safetensors` file in the original Stable Diffusion (ldm) key layout.
+
+    Args:
+        model: the `AutoencoderKL` or `VQModel` to save.
+        path: the file to write (its folder is created if missing).
+        metadata: extra safetensors metadata strings; "config" and "latentvae_layout" are reserved.
+
+    Returns:
+        The file written.
+    """
+    path = Path(path)
+    extra = dict(metadata or {})
+    bad = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(
+            f"safetensors metadata must map str to str; not so for {bad}. Convert values with json.dumps."
+        )
+    reserved = sorted({CONFIG_METADATA_KEY, MARKER_METADATA_KEY} & set(extra))
+    if reserved:
+        raise ValueError(f"Metadata keys {reserved} are reserved: the exporter writes them itself.")
+    config = model_config(model)
+    tensors = _cpu_contiguous(diffusers_to_ldm(model.state_dict(), len(config["block_out_channels"])))
+    extra.update({"format": "pt", CONFIG_METADATA_KEY: json.dumps(config), MARKER_METADATA_KEY: "ldm"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=extra))
+    return path
+
+
+def _written_by_us(path: Path) -> bool:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get(MARKER_METADATA_KEY) == "ldm"
+    except (OSError, SafetensorError):  # not a readable safetensors file: certainly not ours, leave it alone
+        return False
+
+
+def export_vae(
+    model: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    ldm_filename: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Export an `AutoencoderKL` or `VQModel` for diffusers and for the original (ldm) tools.
+
+    Writes `out_dir/config.json` + `out_dir/diffusion_pytorch_model.safetensors` (for
+    `diffusers.AutoencoderKL.from_pretrained(out_dir)`, or `diffusers.VQModel.from_pretrained(out_dir)`) and beside
+    them one ldm-layout single file (for a VQ model: latent-diffusion's layout, see the module docstring), by default
+    named after the folder (`runs/faces-vae` -> `faces-vae.safetensors`), whose safetensors metadata holds the
+    config as JSON under "config". An SD-shaped KL file loads with
+    `diffusers.AutoencoderKL.from_single_file(file, config=out_dir)`, in AUTOMATIC1111 and in ComfyUI.
+    Exporting again into the same folder replaces the earlier ldm file(s) we wrote there, whatever their name.
+
+    Args:
+        model: the model to export, in the dtype it should be stored in.
+        out_dir: destination folder, created if missing.
+        ldm_filename: name of the ldm file inside `out_dir` (must end in `.safetensors`).
+        metadata: extra string metadata stored in the ldm file (e.g. training step, dataset name).
+
+    Returns:
+        The path of the ldm single file (its parent is `out_dir`).
+    """
+    type_name = type(model).__name__
+    if type_name not in EXPORTABLE_CLASSES:
+        raise TypeError(f"export_vae writes {' and '.join(EXPORTABLE_CLASSES)} models; got {type_name}.")
+    out = Path(out_dir).resolve()
+    name = ldm_filename or f"{out.name}.safetensors"
+    if not name.endswith(".safetensors") or Path(name).name != name or name == WEIGHTS_NAME:
+        raise ValueError(
+            f"ldm_filename must be a plain file name ending in .safetensors other than {WEIGHTS_NAME}; got {name!r}."
+        )
+    save_diffusers(model, out)
+    ldm_path = save_ldm(model, out / name, metadata=metadata)
+    for stale in out.glob("*.safetensors"):
+        if stale.name not in (name, WEIGHTS_NAME) and _written_by_us(stale):
+            stale.unlink()
+    return ldm_path

@@ -1,0 +1,285 @@
+"""The KL-regularised autoencoder of Stable Diffusion, as a drop-in for `diffusers.AutoencoderKL`."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+# A pipeline saved with this model names this module in model_index.json, and diffusers' loader checks a passed
+# component against the base classes it finds here by name (ModelMixin): keep it importable from this module.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
+from diffusers.utils.accelerate_utils import apply_forward_hook
+from torch import Tensor, nn
+
+from latentvae.models.base import DiffusersTwin
+from latentvae.models.blocks import Decoder, Encoder, check_block_types
+from latentvae.models.distributions import DiagonalGaussianDistribution
+from latentvae.models.groupnorm_stats import SharedStatistics
+from latentvae.models.presets import PRESETS
+from latentvae.models.tiling import activation_peak_bytes, available_memory_bytes, tiled_apply
+
+
+class AutoencoderKL(DiffusersTwin):
+    r"""A VAE with a KL-regularised diagonal-Gaussian latent: images in [-1, 1] <-> unscaled latents.
+
+    Constructor arguments, defaults, `state_dict()` keys and outputs are those of `diffusers.AutoencoderKL`, so weights
+    move between the two with `strict=True` and a diffusers pipeline accepts this model as its `vae`.
+
+    Args:
+        in_channels / out_channels (`int`): image channels (3).
+        down_block_types / up_block_types (`tuple[str]`): one entry per level ("DownEncoderBlock2D" /
+            "UpDecoderBlock2D"); the number of levels L gives a downsampling factor of 2^(L-1).
+        block_out_channels (`tuple[int]`): width of each level.
+        layers_per_block (`int`): resnets per encoder level (the decoder has one more).
+        act_fn (`str`): activation in the resnets.
+        latent_channels (`int`): channels of z; the encoder predicts twice as many (mean and log-variance).
+        norm_num_groups (`int`): GroupNorm groups.
+        sample_size (`int`): images larger than this are tiled when tiling is enabled.
+        scaling_factor (`float`): pipelines multiply latents by this (1 / std of the latents on training data).
+        shift_factor, latents_mean, latents_std: optional latent normalisation read by some pipelines (SD3, FLUX).
+        force_upcast (`bool`): tells pipelines to run this VAE in fp32 even when the rest runs in fp16.
+        use_quant_conv / use_post_quant_conv (`bool`): the 1x1 convs around the latent.
+        mid_block_add_attention (`bool`): self-attention in the bottleneck.
+    """
+
+    diffusers_class_name = "AutoencoderKL"
+    presets = PRESETS
+    pipeline_component = "vae"
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["ResnetBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",),
+        up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",),
+        block_out_channels: tuple[int, ...] = (64,),
+        layers_per_block: int = 1,
+        act_fn: str = "silu",
+        latent_channels: int = 4,
+        norm_num_groups: int = 32,
+        sample_size: int | tuple[int, int] = 32,
+        scaling_factor: float = 0.18215,
+        shift_factor: float | None = None,
+        latents_mean: tuple[float, ...] | None = None,
+        latents_std: tuple[float, ...] | None = None,
+        force_upcast: bool = True,
+        use_quant_conv: bool = True,
+        use_post_quant_conv: bool = True,
+        mid_block_add_attention: bool = True,
+    ):
+        super().__init__()
+        check_block_types(down_block_types, up_block_types, len(block_out_channels))
+        # Shared by encoder and decoder: (widths, resnets per level, norm groups, activation, mid attention).
+        shape = (
+            tuple(block_out_channels),
+            layers_per_block,
+            norm_num_groups,
+            act_fn,
+            mid_block_add_attention,
+        )
+        self.encoder = Encoder(in_channels, latent_channels, *shape)
+        self.decoder = Decoder(latent_channels, out_channels, *shape)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
+
+        self.use_slicing = False
+        self.use_tiling = False
+        size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        self.tile_sample_size = int(size)
+        self.tile_overlap = 0.25
+        self.tile_memory_budget: int | str | None = "auto"  # see enable_tiling
+
+    # -- memory-saving switches -------------------------------------------------------------------------------------
+
+    def enable_slicing(self) -> None:
+        """Encode and decode one batch element at a time (identical results, lower peak memory)."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def enable_tiling(self, tile_size: int | None = None, overlap: float | None = None) -> None:
+        """Encode and decode images larger than `tile_size` pixels as overlapping tiles that share GroupNorm statistics.
+
+        Unlike diffusers' tiling, every tile is normalised with the GroupNorm statistics of the whole image (measured
+        over the tiles, one GroupNorm per pass, each pass stopping at the GroupNorm it measures) and the bottleneck
+        (mid block, with its attention) runs on the whole latent, so the result matches the untiled one up to the
+        zero padding at tile borders, which the overlap blends away (tiled vs untiled decode of a trained model:
+        > 60 dB PSNR). The measuring passes make a tiled decode about 1.5-2.5x slower than an untiled one. Meant for
+        inference: under autograd the whole-image statistics are constants.
+
+        Even with tiling off, inference (no autograd) tiles an image when the estimated untiled peak memory
+        (`untiled_peak_bytes`) exceeds `tile_memory_budget`: bytes, `"auto"` (the default: half of the memory
+        available on the model's device when the call starts; CUDA free memory, or Linux `MemAvailable` on CPU) or
+        None (never).
+
+        Args:
+            tile_size: tile side in image pixels (default `config.sample_size`); a multiple of the downsampling factor.
+            overlap: fraction of a tile shared with each neighbour (default 0.25).
+        """
+        if tile_size is not None:
+            if tile_size % self.downsampling_factor:
+                raise ValueError(f"tile_size {tile_size} must be a multiple of {self.downsampling_factor}")
+            self.tile_sample_size = int(tile_size)
+        if overlap is not None:
+            if not 0 <= overlap < 1:
+                raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+            self.tile_overlap = float(overlap)
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        """Stop tiling images by size; set `tile_memory_budget = None` to stop tiling by memory too."""
+        self.use_tiling = False
+
+    def untiled_peak_bytes(self, shape: tuple[int, ...], decode: bool = True) -> int:
+        """Estimated peak activation memory of an untiled decode (or encode) of images of `shape` (B, C, H, W)."""
+        return activation_peak_bytes(
+            self.config.block_out_channels, shape, self.dtype.itemsize, decoder=decode
+        )
+
+    def _should_tile(self, image_shape: tuple[int, ...], decode: bool) -> bool:
+        # Without resampling levels everything runs at the latent's resolution, untiled (see _tiled_encode).
+        if self.downsampling_factor == 1 or max(image_shape[-2:]) <= self.tile_sample_size:
+            return False
+        if self.use_tiling:
+            return True
+        if torch.is_grad_enabled():  # memory-triggered tiling is for inference only
+            return False
+        if any(side % self.downsampling_factor for side in image_shape[-2:]):
+            return False  # the tile grid needs sides divisible by the downsampling factor: run untiled, as called
+        budget = self.tile_memory_budget
+        if budget == "auto":
+            available = available_memory_bytes(self.device)
+            budget = None if available is None else available // 2
+        return budget is not None and self.untiled_peak_bytes(image_shape, decode) > budget
+
+    # -- encode / decode --------------------------------------------------------------------------------------------
+
+    def _encode(self, x: Tensor) -> Tensor:
+        """Image -> moments [mean, logvar] (B, 2C, H/f, W/f)."""
+        if self._should_tile(x.shape, decode=False):
+            return self._tiled_encode(x)
+        return self._encode_whole(x)
+
+    def _encode_whole(self, x: Tensor) -> Tensor:
+        h = self.encoder(x)
+        return self.quant_conv(h) if self.quant_conv is not None else h
+
+    def _decode(self, z: Tensor) -> Tensor:
+        """Unscaled latent -> image."""
+        f = self.downsampling_factor
+        if self._should_tile((*z.shape[:-2], z.shape[-2] * f, z.shape[-1] * f), decode=True):
+            return self._tiled_decode(z)
+        return self._decode_whole(z)
+
+    def _decode_whole(self, z: Tensor) -> Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    # Tiled passes follow the order of Encoder.forward / Decoder.forward. Every level above the latent's resolution
+    # runs on tiles, one level at a time (its resnets and the resampler between it and the next level), with
+    # whole-image GroupNorm statistics; what runs at the latent's resolution, the bottleneck with its attention
+    # included, runs on the whole latent, as untiled. A tile has the same size in pixels of its level at every level
+    # (the size it has at full resolution), so the overlap stays wide enough at low resolution to keep the zero
+    # padding at tile borders out of the blended result; low-resolution levels simply get fewer tiles.
+
+    def _tiled_encode(self, x: Tensor) -> Tensor:
+        if any(side % self.downsampling_factor for side in x.shape[-2:]):
+            height, width = x.shape[-2:]
+            raise ValueError(
+                f"tiled encode needs image sides divisible by {self.downsampling_factor}, got {height}x{width}: pad "
+                "or crop the image, or call disable_tiling()"
+            )
+        e, levels = self.encoder, self.encoder.down_blocks
+        h = x
+        for i, level in enumerate(levels[:-1]):
+            stage = [e.conv_in] if i == 0 else []
+            stage += [*level.resnets, level.downsamplers[0]]
+            h = self._tiled_stage(stage, h, self.tile_sample_size, scale=0.5)
+        h = e.conv_out(e.conv_act(e.conv_norm_out(e.mid_block(levels[-1](h)))))
+        return self.quant_conv(h) if self.quant_conv is not None else h
+
+    def _tiled_decode(self, z: Tensor) -> Tensor:
+        d, levels = self.decoder, self.decoder.up_blocks
+        h = self.post_quant_conv(z) if self.post_quant_conv is not None else z
+        h = d.mid_block(d.conv_in(h))
+        for resnet in levels[0].resnets:
+            h = resnet(h)
+        output = [d.conv_norm_out, d.conv_act, d.conv_out]
+        for i in range(1, len(levels)):
+            stage = [levels[i - 1].upsamplers[0], *levels[i].resnets]
+            stage += output if i == len(levels) - 1 else []
+            # Tiles of the upsampler's input, so tile_sample_size // 2 (the last level's output tile is tile_sample_size).
+            h = self._tiled_stage(stage, h, self.tile_sample_size // 2, scale=2)
+        return h
+
+    def _tiled_stage(self, modules: list[nn.Module], x: Tensor, tile: int, scale: float) -> Tensor:
+        stage = nn.Sequential(*modules)
+        align = round(1 / scale) if scale < 1 else 1  # a stride-2 downsampler needs even tile offsets
+        with SharedStatistics(stage) as statistics:
+            return tiled_apply(stage, x, tile, self.tile_overlap, scale, align=align, statistics=statistics)
+
+    @apply_forward_hook
+    def encode(
+        self, x: Tensor, return_dict: bool = True
+    ) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
+        """Encode images into the posterior q(z|x).
+
+        Args:
+            x (`Tensor`): images (B, C, H, W) in [-1, 1].
+            return_dict (`bool`): return an `AutoencoderKLOutput` (else a 1-tuple).
+
+        Returns:
+            `AutoencoderKLOutput` whose `latent_dist` is a `DiagonalGaussianDistribution`.
+        """
+        if self.use_slicing and x.shape[0] > 1:
+            moments = torch.cat([self._encode(part) for part in x.split(1)])
+        else:
+            moments = self._encode(x)
+        posterior = DiagonalGaussianDistribution(moments)
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    @apply_forward_hook
+    def decode(
+        self, z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None
+    ) -> DecoderOutput | tuple[Tensor]:
+        """Decode unscaled latents into images.
+
+        Args:
+            z (`Tensor`): latents (B, latent_channels, h, w), already divided by `scaling_factor`.
+            return_dict (`bool`): return a `DecoderOutput` (else a 1-tuple).
+            generator: accepted for pipeline compatibility; decoding is deterministic.
+
+        Returns:
+            `DecoderOutput` whose `sample` is the image batch in (approximately) [-1, 1].
+        """
+        if self.use_slicing and z.shape[0] > 1:
+            images = torch.cat([self._decode(part) for part in z.split(1)])
+        else:
+            images = self._decode(z)
+        return DecoderOutput(sample=images) if return_dict else (images,)
+
+    def forward(
+        self,
+        sample: Tensor,
+        sample_posterior: bool = False,
+        return_dict: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> DecoderOutput | tuple[Tensor]:
+        """Reconstruct: encode, take the posterior mode (or a sample), decode.
+
+        Args:
+            sample (`Tensor`): images in [-1, 1].
+            sample_posterior (`bool`): decode z ~ q(z|x) instead of its mode.
+            return_dict (`bool`): return a `DecoderOutput` (else a 1-tuple).
+            generator: RNG for the posterior sample.
+        """
+        posterior = self.encode(sample).latent_dist
+        z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+        return self.decode(z, return_dict=return_dict)

@@ -1,0 +1,308 @@
+"""The training configuration: one typed dataclass, named recipes, and the command line built from both.
+
+Every field is a flag (`--snake_case` or `--kebab-case`); its docstring in `metadata["help"]` is the `--help` text.
+Flag names follow the diffusers AutoencoderKL training example where one exists, so its users can switch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from latentvae.data.loaders import DataSettings
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # -- model --
+    model: str = _f(
+        "kl",
+        "Autoencoder kind: kl (AutoencoderKL, Gaussian latent) or vq (VQModel, codebook latent).",
+        choices=("kl", "vq"),
+    )
+    pretrained_model_name_or_path: str | None = _f(
+        None, "Start from this VAE (any path latentvae.load_vae reads: diffusers folder, .safetensors, SD checkpoint).",
+        aliases=("--init_from",),
+    )  # fmt: skip
+    model_preset: str = _f(
+        "sd-kl-f8",
+        "Architecture to build from scratch when no pretrained model is given: a name in latentvae.PRESETS "
+        "(--model kl) or latentvae.VQ_PRESETS (--model vq).",
+    )
+    decoder_only: bool = _f(
+        False, "Freeze the encoder (and quant_conv): fine-tune the decoder only, as Stability did."
+    )
+    ema_decay: float = _f(0.0, "Keep an exponential moving average of the weights with this decay (0 = off).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    channels_last: bool = _f(
+        False, "Use the channels_last memory format (faster convolutions on recent GPUs)."
+    )
+    compile: bool = _f(False, "torch.compile the autoencoder.")
+    allow_pickle: bool = _f(
+        False, "Allow loading a pickle (.ckpt/.pt/.bin) pretrained model: only for files you trust."
+    )
+    # -- data --
+    train_data_dir: str | None = _f(None, "Folder of training images (searched recursively).")
+    dataset_name: str | None = _f(None, "A Hugging Face dataset name or local path (datasets library).")
+    image_column: str = _f("image", "Column of --dataset_name that holds the images.")
+    val_data_dir: str | None = _f(
+        None, "Folder of validation images; default: a fixed held-out slice of the training set."
+    )
+    resolution: int = _f(256, "Training crop size in pixels (short side resized to this, then cropped).")
+    resize_to: int | None = _f(
+        None,
+        "Resize the shorter side to this before cropping (default: --resolution); larger = detail crops.",
+    )
+    train_shards: str | None = _f(
+        None,
+        "WebDataset tar shards to stream instead of a folder, e.g. 'data/shard-{000000..000099}.tar' (local paths, "
+        "URLs or pipe: commands); write them with `latentvae make-shards`. Needs --max_train_steps.",
+    )
+    shuffle_buffer: int = _f(
+        1000, "Shards: samples shuffled together (whole shards are read until the buffer holds this many)."
+    )
+    max_bad_fraction: float = _f(
+        0.1, "Stop with the list of files if more than this fraction of the images is broken (checked early)."
+    )
+    cache_images: bool = _f(
+        False, "Keep decoded, resized images in memory (small datasets: no decoding per step)."
+    )
+    dataloader_num_workers: int = _f(4, "Data loader worker processes per training process.")
+    # -- optimisation --
+    train_batch_size: int = _f(12, "Images per process per step.")
+    max_train_steps: int | None = _f(None, "Total optimizer steps; overrides --num_train_epochs when given.")
+    num_train_epochs: int = _f(100, "Epochs to train when --max_train_steps is not given.")
+    gradient_accumulation_steps: int = _f(1, "Batches accumulated per optimizer step.")
+    learning_rate: float = _f(4.5e-6, "Learning rate (per image when --scale_lr, as in latent-diffusion).")
+    scale_lr: bool = _f(True, "Multiply the learning rate by batch size x processes x accumulation steps.")
+    lr_scheduler: str = _f(
+        "constant", "Scheduler: constant, constant_with_warmup, linear, cosine, ... (diffusers)."
+    )
+    lr_warmup_steps: int = _f(0, "Warm-up steps of the learning-rate schedule.")
+    adam_beta1: float = _f(
+        0.5, "Adam beta1 (latent-diffusion uses 0.5 for the autoencoder and the discriminator)."
+    )
+    adam_beta2: float = _f(0.9, "Adam beta2.")
+    adam_weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon.")
+    max_grad_norm: float = _f(1.0, "Clip gradient norm to this (0 = no clipping).")
+    max_nonfinite_steps: int = _f(
+        10,
+        "A step whose loss or gradient is NaN/inf is skipped and logged; stop with an error after more than "
+        "this many in a row.",
+    )
+    mixed_precision: str | None = _f(None, "no, fp16 or bf16; default: what `accelerate config` chose.")
+    seed: int = _f(0, "Random seed (model init, data order, augmentation, posterior noise).")
+    # -- losses --
+    recon_loss: str = _f("mse", "Pixel reconstruction loss: mse or l1.", choices=("mse", "l1"))
+    perceptual_weight: float = _f(1.0, "Weight of the LPIPS term (0 = off).")
+    perceptual_net: str = _f(
+        "vgg", "LPIPS backbone for training: vgg (as SD) or alex.", choices=("vgg", "alex")
+    )
+    perceptual_fallback: bool = _f(
+        False, "If LPIPS backbone weights are missing offline, warn and train without the perceptual term."
+    )
+    perceptual_random_backbone: bool = _f(
+        False,
+        "Use a randomly initialised LPIPS backbone: for testing the code path only, the distances are meaningless.",
+    )
+    kl_weight: float = _f(
+        1e-6, "Weight of the KL term (summed over latent elements, as in latent-diffusion)."
+    )
+    learn_logvar: bool = _f(
+        False, "Learn a scalar output log-variance: nll = rec / exp(logvar) + logvar (LDM)."
+    )
+    codebook_weight: float = _f(
+        1.0,
+        "VQ: weight of the quantiser loss (codebook + beta x commitment), balanced against the NLL as in LDM.",
+    )
+    commitment_beta: float = _f(0.25, "VQ: beta, the weight of the commitment loss.")
+    legacy_vq_loss: bool = _f(
+        False, "VQ: taming/diffusers weighting: beta on the codebook term instead of the commitment term."
+    )
+    codebook_ema_decay: float = _f(
+        0.0,
+        "VQ: move codes by an EMA of their encoder outputs with this decay, not by the codebook loss (0 = loss).",
+    )
+    codebook_restart_steps: int = _f(
+        0, "VQ: re-seed codes unused for this many batches from the batch's encoder outputs (0 = never)."
+    )
+    codebook_usage_window: int = _f(
+        100, "VQ: batches over which the logged codebook usage counts a code as used."
+    )
+    disc_start: int = _f(50001, "Step at which the PatchGAN discriminator joins.")
+    disc_weight: float = _f(0.5, "Weight of the adversarial term (times the adaptive weight).")
+    disc_learning_rate: float | None = _f(None, "Discriminator learning rate (default: the autoencoder's).")
+    # -- output, logging, checkpoints --
+    output_dir: str = _f("outputs/vae", "Where checkpoints, validation grids, logs and the final VAE go.")
+    report_to: str = _f("tensorboard", "Tracker: tensorboard, wandb, all or none.")
+    tracker_project_name: str = _f("latentvae", "Project name for the tracker.")
+    logging_steps: int = _f(10, "Log losses every N steps.")
+    validation_steps: int = _f(1000, "Validate (PSNR, SSIM, image grid) every N steps and at the end.")
+    num_validation_images: int = _f(16, "Validation images used (and held out when no --val_data_dir).")
+    checkpointing_steps: int = _f(2000, "Save a resumable checkpoint every N steps.")
+    checkpoints_total_limit: int | None = _f(3, "Keep at most this many checkpoints (oldest removed).")
+    resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder to resume from.")
+    scaling_factor_images: int = _f(
+        512, "Training images used to measure the latent scaling factor at the end."
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def data_settings(self) -> DataSettings:
+        """The fields the data layer reads, as its own settings object."""
+        return DataSettings(**{f.name: getattr(self, f.name) for f in fields(DataSettings)})
+
+
+# Fields that only a VQ model uses, and those that only a KL model uses: setting one for the other kind is an error.
+VQ_ONLY = (
+    "codebook_weight",
+    "commitment_beta",
+    "legacy_vq_loss",
+    "codebook_ema_decay",
+    "codebook_restart_steps",
+    "codebook_usage_window",
+)
+KL_ONLY = ("kl_weight",)
+
+# Named recipes: overrides of the defaults above, which are the SD kl-f8 recipe (CompVis' optimiser, lr, KL weight,
+# LPIPS-VGG weight and GAN schedule) with one deliberate change: an MSE pixel loss where CompVis trained with L1, as
+# Stability's ft-MSE fine-tune did (`--recon_loss l1` restores theirs).
+RECIPES: dict[str, dict[str, Any]] = {
+    "sd-kl-f8": {},
+    "sd-ft-mse": dict(
+        decoder_only=True, perceptual_weight=0.1, ema_decay=0.9999, learning_rate=1e-4, scale_lr=False
+    ),
+    "quickstart": dict(
+        model_preset="tiny-kl-f8",
+        resolution=64,
+        resize_to=256,  # 64 px detail crops at the scale the evaluation protocol uses (256 px)
+        cache_images=True,
+        train_batch_size=8,
+        max_train_steps=1200,
+        learning_rate=2e-3,
+        scale_lr=False,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        lr_scheduler="cosine",
+        lr_warmup_steps=20,
+        perceptual_weight=0.1,
+        perceptual_fallback=True,
+        dataloader_num_workers=0,
+        validation_steps=400,
+        num_validation_images=8,
+        checkpointing_steps=400,
+        scaling_factor_images=64,
+        output_dir="outputs/quickstart",
+    ),
+    # LDM's vq-f4 first stage (models/first_stage_models/vq-f4/config.yaml): taming's VQLPIPSWithDiscriminator
+    # with L1 + LPIPS, codebook weight 1.0, discriminator weight 0.75 from step 0, base lr 4.5e-6 per image.
+    # LDM's vq-f4 loss: L1 + LPIPS, the GAN from step 0 at 0.75, and taming's quantiser weighting (legacy=True).
+    "vq-f4": dict(
+        model="vq", model_preset="vq-f4", recon_loss="l1", disc_start=0, disc_weight=0.75, legacy_vq_loss=True
+    ),
+}
+# The CPU quickstart, for the tiny VQ model: dead codes are restarted so that the codebook is used.
+RECIPES["vq-quickstart"] = {
+    **RECIPES["quickstart"],
+    "model": "vq",
+    "model_preset": "tiny-vq-f4",
+    "codebook_restart_steps": 50,
+    "codebook_usage_window": 50,
+    "output_dir": "outputs/vq-quickstart",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train an SD-style autoencoder (KL, or VQ with --model vq) with Accelerate: "
+        "`accelerate launch training/train.py`. Defaults shown are the sd-kl-f8 recipe; --recipe changes them, "
+        "flags given here win.",
+    )
+    parser.add_argument(
+        "--recipe",
+        "--preset",
+        dest="recipe",
+        default="sd-kl-f8",
+        choices=sorted(RECIPES),
+        help="Named recipe of defaults (model shape, data, optimiser, losses). --preset is its old name, kept for "
+        "one release; model shapes are --model_preset.",
+    )
+    parser.add_argument("--config", default=None, help="JSON file of field values (flags given here win).")
+    for f in fields(TrainConfig):
+        names = [f"--{f.name}", f"--{f.name.replace('_', '-')}"] + list(f.metadata.get("aliases", ()))
+        names = list(dict.fromkeys(names))
+        help = f"{f.metadata['help']} (default: {f.default})"
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        if kind == "bool":
+            parser.add_argument(
+                *names,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help,
+            )
+            continue
+        convert = float if "float" in kind else int if "int" in kind else str
+        if "None" in kind:  # optional fields take the word none (or null) for None
+            convert = _or_none(convert)
+        # Flags not given stay out of the namespace (SUPPRESS), so "given" and "given as none" are told apart.
+        parser.add_argument(
+            *names,
+            dest=f.name,
+            type=convert,
+            choices=f.metadata.get("choices"),
+            default=argparse.SUPPRESS,
+            help=help,
+        )
+    return parser
+
+
+def _or_none(convert):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = convert.__name__
+    return parse
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
+    """Defaults < recipe (`--recipe`) < `--config` JSON < flags. Returns the config and the explicitly set names."""
+    args = build_parser().parse_args(argv)
+    values = dict(RECIPES[args.recipe])
+    from_file = {}
+    if args.config:
+        with open(args.config) as handle:
+            from_file = json.load(handle)
+        values.update(from_file)
+    explicit = set(vars(args)) - {"recipe", "config"}
+    values.update({name: getattr(args, name) for name in explicit})
+    unknown = set(values) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise SystemExit(f"unknown config fields {sorted(unknown)} (from --config {args.config})")
+    if (
+        values.get("model") == "vq"
+        and "model_preset" not in values
+        and "pretrained_model_name_or_path" not in values
+    ):
+        values["model_preset"] = (
+            "vq-f4"  # `--model vq` alone: the VQ architecture of the default recipe's scale
+        )
+    config = TrainConfig(**values)
+    # A flag of the other model kind is a mistake worth stopping for; so is such a field in a --config file, unless
+    # it holds the default (a saved config, e.g. a checkpoint's training_state.json, lists every field).
+    other = KL_ONLY if config.model == "vq" else VQ_ONLY
+    defaults = TrainConfig()
+    changed = {n for n in set(from_file) & set(other) if from_file[n] != getattr(defaults, n)}
+    if misplaced := sorted((explicit & set(other)) | changed):
+        kind = "kl" if config.model == "vq" else "vq"
+        raise SystemExit(f"only --model {kind} uses {', '.join('--' + n for n in misplaced)}")
+    return config, explicit
