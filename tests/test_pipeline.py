@@ -163,3 +163,25 @@ def test_saved_pipeline_loads_without_latentvae(portable_pipeline, reference_ima
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_images_close(np.load(tmp_path / "images.npy"), reference_images["text"])
+
+
+def test_a_pipeline_saved_with_the_old_module_path_still_loads(saved_pipeline, reference_images, tmp_path):
+    """latentvae 0.1 wrote `["latentvae.autoencoder_kl", "AutoencoderKL"]` into model_index.json; that path stays.
+    (diffusers loads a custom component only from a module already imported, as its error message says.)"""
+    import json
+    import shutil
+
+    import latentvae.autoencoder_kl  # noqa: F401
+
+    old = shutil.copytree(saved_pipeline, tmp_path / "old_pipeline")
+    index = json.loads((old / "model_index.json").read_text())
+    assert index["vae"] == [
+        "latentvae.models.autoencoder_kl",
+        "AutoencoderKL",
+    ]  # what save_pretrained writes now
+    index["vae"] = ["latentvae.autoencoder_kl", "AutoencoderKL"]
+    (old / "model_index.json").write_text(json.dumps(index))
+    pipe = DiffusionPipeline.from_pretrained(old, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.vae) is AutoencoderKL
+    assert_images_close(text_to_image(pipe), reference_images["text"])
