@@ -82,7 +82,10 @@ def test_quick_benchmark_writes_json_and_markdown(photos, tmp_path):
     assert ours["psnr_vs_untiled"] > theirs["psnr_vs_untiled"]  # shared statistics against per-tile ones
     assert ours["activation_mb"] > 0 and "memory_vs_untiled" in ours
 
-    assert results["fidelity"]["images"] == 3 and "ours-fast" in results["fidelity"]["mean_psnr"]
+    assert results["fidelity"]["images"] == 3 and "ours-fast" in results["fidelity"]["mean"]
+    assert {"psnr", "psnr_y", "psnr_c", "colourfulness_ratio", "ciede2000"} <= set(
+        results["fidelity"]["mean"]["ours-fp32"]
+    )
     assert results["fp16"]["images"] == 2 and results["fp16"]["fp32_max"]
 
     data = results["data"]

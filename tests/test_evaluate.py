@@ -219,7 +219,9 @@ def test_two_models_give_csv_rows_summary_report_and_grids(tmp_path, image_dir, 
 
     with open(out / "per_image.csv") as file:
         rows = list(csv.DictReader(file))
-    assert list(rows[0]) == ["model", "image", "psnr", "ssim", "lpips"]
+    assert list(rows[0]) == [
+        "model", "image", "psnr", "ssim", "lpips", "psnr_y", "psnr_c", "colourfulness_ratio", "ciede2000"
+    ]  # fmt: skip
     assert [(row["model"], row["image"]) for row in rows] == [
         (model, image) for model in ("small", "f4") for image in ("a.png", "b.png", "c.png")
     ]
@@ -229,6 +231,16 @@ def test_two_models_give_csv_rows_summary_report_and_grids(tmp_path, image_dir, 
         recon = oracle_reconstruction(tmp_path / ("f2" if row["model"] == "small" else "f4"), original)
         assert float(row["psnr"]) == pytest.approx(
             peak_signal_noise_ratio(original, recon, data_range=255), abs=0.02
+        )
+        # luma and chroma against PIL's YCbCr (BT.601 full range, rounded to uint8 by PIL: hence the tolerance)
+        y_real, y_fake = (
+            np.asarray(Image.fromarray(a).convert("YCbCr"), dtype=np.float64) for a in (original, recon)
+        )
+        assert float(row["psnr_y"]) == pytest.approx(
+            peak_signal_noise_ratio(y_real[..., 0], y_fake[..., 0], data_range=255), abs=0.3
+        )
+        assert float(row["psnr_c"]) == pytest.approx(
+            peak_signal_noise_ratio(y_real[..., 1:], y_fake[..., 1:], data_range=255), abs=0.3
         )
 
     summary = read_json_strictly(out / "summary.json")

@@ -61,7 +61,7 @@ from latentvae.training.config import TrainConfig, parse_config
 from latentvae.training.losses import AutoencoderLoss
 from latentvae.training.signals import PreemptionHandler, ignore_stop_signals
 from latentvae.training.step import NonFiniteGuard, NonFiniteTrainingError, TrainStep
-from latentvae.training.validation import save_grid, validate
+from latentvae.training.validation import grid_images, reconstruction_grid, save_grid, validate
 
 logger = get_logger("latentvae.train", log_level="INFO")
 
@@ -153,8 +153,9 @@ def checkpoint(accelerator, cfg, vae, data, step: int) -> Path:
     )
 
 
-def run_validation(accelerator, cfg, vae, ema, val_set, perceptual, step: int) -> dict[str, float]:
-    """PSNR / SSIM (/ LPIPS) and a grid on the validation images, with EMA weights when EMA is on (main process)."""
+def run_validation(accelerator, cfg, vae, ema, val_set, grid_set, perceptual, step: int) -> dict[str, float]:
+    """PSNR / SSIM / colour scores (/ LPIPS) on the validation crops and a grid of whole, colourful validation
+    images, with EMA weights when EMA is on (main process)."""
     metrics: dict[str, float] = {}
     if accelerator.is_main_process:
         if ema is not None:
@@ -162,7 +163,8 @@ def run_validation(accelerator, cfg, vae, ema, val_set, perceptual, step: int) -
             ema.copy_to(vae.parameters())
         loader = DataLoader(val_set, batch_size=cfg.train_batch_size, collate_fn=collate_images)
         with accelerator.autocast():
-            metrics, grid = validate(vae, (b["pixel_values"] for b in loader), perceptual)
+            metrics = validate(vae, (b["pixel_values"] for b in loader), perceptual)
+            grid = reconstruction_grid(vae, grid_set)
         if ema is not None:
             ema.restore(vae.parameters())
         path = save_grid(grid, Path(cfg.output_dir) / "validation" / f"step-{step:07d}.png")
@@ -171,7 +173,8 @@ def run_validation(accelerator, cfg, vae, ema, val_set, perceptual, step: int) -
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("val/input|reconstruction|error", grid, step)
         logger.info(
-            f"step {step}: val PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} ({path})",
+            f"step {step}: val PSNR {metrics['psnr']:.2f} dB (Y {metrics['psnr_y']:.2f}, CbCr {metrics['psnr_c']:.2f}), "
+            f"SSIM {metrics['ssim']:.4f}, colourfulness ratio {metrics['colourfulness_ratio']:.3f} ({path})",
             main_process_only=True,
         )
     accelerator.wait_for_everyone()
@@ -326,6 +329,7 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
 
     # -- model, EMA, losses, optimizers -------------------------------------------------------------------------
     vae = build_vae(cfg)
+    grid_set = grid_images(data.val, multiple=vae.downsampling_factor)  # whole, colourful validation images
     model = build_autoencoding(
         vae, cfg
     )  # the module DDP wraps: reconstruction + the latent regulariser's loss
@@ -409,7 +413,9 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
             if global_step % cfg.logging_steps == 0 or last:
                 log_step(global_step, logs)
             if global_step % cfg.validation_steps == 0 or last:
-                val_metrics = run_validation(accelerator, cfg, vae, ema, val_set, perceptual, global_step)
+                val_metrics = run_validation(
+                    accelerator, cfg, vae, ema, val_set, grid_set, perceptual, global_step
+                )
             stop = preemption.stop_requested(accelerator)  # a SIGTERM / SIGINT reached some process
             # Never right after a non-finite step: weights that cause NaN must not push out the good checkpoints.
             if (stop or global_step % cfg.checkpointing_steps == 0 or last) and nonfinite.run == 0:

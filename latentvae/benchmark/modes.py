@@ -49,6 +49,7 @@ from latentvae.benchmark.data import benchmark_data, format_rates
 from latentvae.benchmark.report import render
 from latentvae.data.shards import make_shards, shard_pattern
 from latentvae.data.sources import find_images
+from latentvae.evaluation.colour import colour_scores
 from latentvae.evaluation.evaluate import prepare_image
 from latentvae.evaluation.metrics import psnr, to_uint8
 from latentvae.evaluation.profiling import PeakMemory, StageTimer
@@ -346,14 +347,16 @@ def run_fp16(ctx: Context) -> dict:
 def run_fidelity(ctx: Context) -> dict:
     models = build_models(ctx.trained, ["diffusers-fp32", "ours-fp32", "ours-fast"], ctx.device)
     images = real_batch(ctx.args, ctx.args.fidelity_images, 256)
-    scores = {name: [] for name in models}
+    scores = {name: {} for name in models}  # variant -> metric -> per-image values
     for x in images.to(ctx.device).split(8):
         for name, model in models.items():
             recon = model.decode(model.encode(x).latent_dist.mode()).sample
-            scores[name] += psnr(to_uint8(x), to_uint8(recon)).tolist()
-    means = {name: float(np.mean(values)) for name, values in scores.items()}
+            real8, fake8 = to_uint8(x), to_uint8(recon)
+            for metric, values in {"psnr": psnr(real8, fake8), **colour_scores(real8, fake8)}.items():
+                scores[name].setdefault(metric, []).extend(values.tolist())
+    means = {name: {m: float(np.nanmean(v)) for m, v in metrics.items()} for name, metrics in scores.items()}
     fast = models["ours-fast"].inference_settings
-    return dict(images=len(images), mean_psnr=means, delta_fast_vs_fp32=means["ours-fast"] - means["ours-fp32"],
+    return dict(images=len(images), mean=means, delta_fast_vs_fp32=means["ours-fast"]["psnr"] - means["ours-fp32"]["psnr"],
                 fast_dtype=str(fast.dtype), fast_reason=fast.reason)  # fmt: skip
 
 

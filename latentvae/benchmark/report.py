@@ -76,8 +76,11 @@ def render_fp16(result: dict) -> list[str]:
 def render_fidelity(result: dict) -> list[str]:
     return [
         "## Fast path fidelity", "", f"Fast path: {result['fast_dtype']} ({result['fast_reason']}). Mean reconstruction "
-        f"PSNR of {result['images']} images (256 px center crops); fast - fp32 = {result['delta_fast_vs_fp32']:+.3f} dB.",
-        "", *_table(["variant", "PSNR (dB)"], list(result["mean_psnr"].items())),
+        f"PSNR of {result['images']} images (256 px center crops); fast - fp32 = {result['delta_fast_vs_fp32']:+.3f} dB. "
+        "Colour (latentvae.evaluation.colour): PSNR of luma Y and chroma CbCr, colourfulness ratio, mean CIEDE2000.",
+        "", *_table(["variant", "PSNR (dB)", "PSNR Y", "PSNR CbCr", "colourfulness ratio", "ΔE00"],
+                    [[name, m["psnr"], m["psnr_y"], m["psnr_c"], m["colourfulness_ratio"], m["ciede2000"]]
+                     for name, m in result["mean"].items()]),
     ]  # fmt: skip
 
 

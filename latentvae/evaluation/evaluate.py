@@ -36,6 +36,7 @@ from latentvae.data.images import (
     source_name,
 )
 from latentvae.data.sources import HFImageColumn, find_images, load_hf_images
+from latentvae.evaluation.colour import colour_scores
 from latentvae.evaluation.latent_stats import LatentStats, measure_latent_stats
 from latentvae.evaluation.metrics import (
     build_fid_inception,
@@ -362,8 +363,8 @@ def evaluate_model(
 
 
 def _score(real: Tensor, recon: Tensor, networks: MetricNetworks) -> dict[str, list[float]]:
-    """Per-image PSNR, SSIM (and LPIPS) of uint8-valued batches."""
-    scores = {"psnr": psnr(real, recon), "ssim": ssim(real, recon)}
+    """Per-image PSNR, SSIM, the colour scores (and LPIPS) of uint8-valued batches."""
+    scores = {"psnr": psnr(real, recon), "ssim": ssim(real, recon), **colour_scores(real, recon)}
     if networks.lpips is not None:  # LPIPS takes [-1, 1]
         scores["lpips"] = networks.lpips(real / 127.5 - 1, recon / 127.5 - 1).flatten()
     return {metric: values.tolist() for metric, values in scores.items()}

@@ -62,6 +62,15 @@ RANKED_COLUMNS = (
     ("PSNR ↑", "psnr", max, "{:.2f}"),
     ("SSIM ↑", "ssim", max, "{:.4f}"),
     ("LPIPS ↓", "lpips", min, "{:.4f}"),
+    ("PSNR Y ↑", "psnr_y", max, "{:.2f}"),
+    ("PSNR CbCr ↑", "psnr_c", max, "{:.2f}"),
+    (
+        "Colourfulness ratio →1",
+        "colourfulness_ratio",
+        lambda values: min(values, key=lambda v: abs(v - 1)),
+        "{:.3f}",
+    ),
+    ("ΔE00 ↓", "ciede2000", min, "{:.2f}"),
     ("rFID ↓", "rfid", min, "{:.2f}"),
     ("Encode ms/img ↓", "encode_ms", min, "{:.1f}"),
     ("Decode ms/img ↓", "decode_ms", min, "{:.1f}"),
@@ -134,7 +143,9 @@ def render_report(evaluation: Evaluation, summaries: list[dict[str, Any]], writt
         f"{n} images: {evaluation.protocol['data']}. Best value per column in **bold** (↑ higher is better, "
         "↓ lower).",
         comparison_table(summaries),
-        "PSNR, SSIM, LPIPS: mean ± standard deviation over images. Params: encoder + decoder. Compression: values "
+        "Metrics: mean ± standard deviation over images. PSNR Y / CbCr: luma and chroma (BT.601 YCbCr) on their own; "
+        "colourfulness ratio: Hasler-Suesstrunk colourfulness of the reconstruction over the original's (below 1: "
+        "colour lost); ΔE00: mean CIEDE2000 colour difference. Params: encoder + decoder. Compression: values "
         "in an image per value in its latent (3 f² / C). Latent: C×h×w of the first image. Scaling factor: 1 / std of posterior samples (VQ: "
         "encoder outputs) of these images, next to the one in the model's config."
         + (

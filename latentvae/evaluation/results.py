@@ -19,7 +19,7 @@ from latentvae.data.images import ImageSource, source_name
 from latentvae.data.skips import SkipLog
 from latentvae.evaluation.latent_stats import LatentStats
 
-METRICS = ("psnr", "ssim", "lpips")
+METRICS = ("psnr", "ssim", "lpips", "psnr_y", "psnr_c", "colourfulness_ratio", "ciede2000")  # per image
 
 
 class EvaluationError(ValueError):
@@ -199,6 +199,9 @@ def describe_protocol(
         "output": "decoded, clamped to [-1, 1], uint8 = round((x + 1) * 127.5)",
         "psnr": "per image on uint8 RGB, MAX 255; mean and (population) standard deviation over the images with "
         'finite PSNR; identical reconstructions have infinite PSNR, counted in psnr_infinite and written "inf"',
+        "colour": "PSNR of Y and of Cb+Cr (ITU-R BT.601 full-range YCbCr, as JPEG) per image; colourfulness ratio = "
+        "Hasler-Suesstrunk M(reconstruction) / M(original), NaN (left out) for grey originals; CIEDE2000 = mean "
+        "over pixels of scikit-image's deltaE_ciede2000 in CIELAB (D65) (latentvae.evaluation.colour)",
         "ssim": "torchmetrics structural_similarity_index_measure on uint8 RGB: 11x11 Gaussian window, sigma 1.5, "
         "K1 0.01, K2 0.03, data range 255, borders reflect-padded, mean over pixels and channels",
         "lpips": f"LPIPS v0.1 ({settings.lpips_net}) on [-1, 1], lpips package"
