@@ -408,6 +408,23 @@ def test_train_crops_reproducible_valid_and_flipped(tmp_path):
     assert len({left for left, _ in seen}) > 1
 
 
+@pytest.mark.parametrize("random_flip", [False, True])
+def test_center_crop_and_random_flip_flags(tmp_path, random_flip):
+    # --center_crop / --random_flip, as in the diffusers examples: the window is the center one (the same pixels
+    # as a numpy slice of the resized image); flipping happens only where asked, and then in both directions.
+    pixels = save_rgb(tmp_path / "a.png", 20, 30)
+    resized = np.asarray(Image.fromarray(pixels).resize((18, 12), Image.Resampling.BICUBIC))
+    center = resized[:, 3:15]
+    dataset = ImageDataset([tmp_path / "a.png"], 12, train=True, center_crop=True, random_flip=random_flip)
+    torch.manual_seed(0)
+    flips = set()
+    for _ in range(20):
+        as_uint8 = ((dataset[0]["pixel_values"].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+        assert (as_uint8 == center).all() or (random_flip and (as_uint8 == center[:, ::-1]).all())
+        flips.add(bool((as_uint8 == center[:, ::-1]).all() and not (as_uint8 == center).all()))
+    assert flips == ({False, True} if random_flip else {False})
+
+
 def test_validation_crop_is_deterministic(tmp_path):
     save_rgb(tmp_path / "a.png", 40, 70)
     dataset = ImageDataset([tmp_path / "a.png"], 16, train=False)

@@ -211,7 +211,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     Each image is resized so its shorter side is `resize_to` (default `resolution`; bicubic, antialiased; small
     images are enlarged), then cropped to `resolution` x `resolution`: at a random position and flipped left-right with
-    probability 1/2 for training, at the center for validation. Randomness comes from torch's global RNG, so
+    probability 1/2 for training (`center_crop` and `random_flip` change that, as the diffusers training examples'
+    flags of the same names do), at the center for validation. Randomness comes from torch's global RNG, so
     `torch.manual_seed`, DataLoader worker seeding and Accelerate's RNG checkpoints all cover it.
 
     An image that fails to decode is replaced by the next one in order that decodes (wrapping around), so an
@@ -224,7 +225,9 @@ class ImageDataset(torch.utils.data.Dataset):
         resize_to: Shorter side before cropping (>= resolution); larger values train on detail crops rather than
             whole-image thumbnails. Default: `resolution`.
         cache: Keep the decoded, resized images in memory (per process and worker): for small datasets.
-        train: Random crop and flip (True) or center crop (False).
+        train: Training crops (random position, flipped) or validation crops (center, never flipped).
+        center_crop: Training crops at the center too (the diffusers AutoencoderKL example's crops).
+        random_flip: Flip training crops left-right with probability 1/2.
         skip_log: Where decoding failures are recorded (e.g. `ImageData.skip_log`); a new log by default.
 
     Each item is a dict: `"pixel_values"`, a float32 tensor of shape (3, resolution, resolution) in [-1, 1];
@@ -240,6 +243,8 @@ class ImageDataset(torch.utils.data.Dataset):
         skip_log: SkipLog | None = None,
         resize_to: int | None = None,
         cache: bool = False,
+        center_crop: bool = False,
+        random_flip: bool = True,
     ) -> None:
         if resolution < 1:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}.")
@@ -251,6 +256,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.sources = sources
         self.resolution = resolution
         self.train = train
+        self.center_crop, self.random_flip = center_crop, random_flip
         self.skip_log = SkipLog() if skip_log is None else skip_log
 
     def __len__(self) -> int:
@@ -289,12 +295,12 @@ class ImageDataset(torch.utils.data.Dataset):
     def _crop_resized(self, image: Image.Image) -> torch.Tensor:
         size = self.resolution
         width, height = image.size
-        if self.train:
+        left, top, flip = (width - size) // 2, (height - size) // 2, False
+        if self.train and not self.center_crop:
             left = int(torch.randint(0, width - size + 1, ()).item())
             top = int(torch.randint(0, height - size + 1, ()).item())
+        if self.train and self.random_flip:
             flip = bool(torch.rand(()) < 0.5)
-        else:
-            left, top, flip = (width - size) // 2, (height - size) // 2, False
         image = image.crop((left, top, left + size, top + size))
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

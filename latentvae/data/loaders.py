@@ -181,6 +181,8 @@ class DataSettings:
     train_shards: str | None = None
     shuffle_buffer: int = 1000
     resize_to: int | None = None
+    center_crop: bool = False
+    random_flip: bool = True
     cache_images: bool = False
     max_bad_fraction: float = 0.1
     dataloader_num_workers: int = 0
@@ -249,7 +251,14 @@ def build_training_data(
             max_bad_fraction=cfg.max_bad_fraction,
         )
     crops = ImageDataset(
-        data.train, cfg.resolution, True, data.skip_log, resize_to=cfg.resize_to, cache=cfg.cache_images
+        data.train,
+        cfg.resolution,
+        True,
+        data.skip_log,
+        resize_to=cfg.resize_to,
+        cache=cfg.cache_images,
+        center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip,
     )
     images_per_step = cfg.train_batch_size * accelerator.num_processes
     if len(crops) < images_per_step:
@@ -301,6 +310,8 @@ def _shard_data(
         urls,
         cfg.resolution,
         resize_to=cfg.resize_to,
+        center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip,
         seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer,
         rank=accelerator.process_index,

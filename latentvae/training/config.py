@@ -60,6 +60,11 @@ class TrainConfig:
         None,
         "Resize the shorter side to this before cropping (default: --resolution); larger = detail crops.",
     )
+    center_crop: bool = _f(
+        False,
+        "Crop training images at the center instead of at a random position (as the diffusers examples).",
+    )
+    random_flip: bool = _f(True, "Flip training crops left-right with probability 1/2.")
     train_shards: str | None = _f(
         None,
         "WebDataset tar shards to stream instead of a folder, e.g. 'data/shard-{000000..000099}.tar' (local paths, "
@@ -205,6 +210,35 @@ RECIPES: dict[str, dict[str, Any]] = {
         checkpointing_steps=400,
         scaling_factor_images=64,
         output_dir="outputs/quickstart",
+    ),
+    # The diffusers AutoencoderKL training example (examples/research_projects/autoencoderkl) with the lr the issue
+    # reports for it: AdamW betas 0.9/0.999, weight decay 1e-2, constant lr 1e-4 (its default is 4.5e-6, unscaled),
+    # MSE summed per image + 1e-6 KL, resize + center crop without flips, the GAN from step 50001 with weight 1.0.
+    # Its LPIPS term (0.5) is computed under no_grad there, so it never reaches the weights: 0 here. The baseline
+    # of the recipe benchmark (eval/recipes.py).
+    "diffusers-example": dict(
+        learning_rate=1e-4,
+        scale_lr=False,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_weight_decay=1e-2,
+        lr_scheduler="constant",
+        center_crop=True,
+        random_flip=False,
+        perceptual_weight=0.0,
+        disc_weight=1.0,
+    ),
+    # From scratch at a small budget (measured by eval/recipes.py against diffusers-example): AdamW 0.9/0.99
+    # without weight decay, a short linear warm-up and a cosine decay to zero, whole-image crops with flips.
+    "from-scratch": dict(
+        learning_rate=3e-4,
+        scale_lr=False,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        adam_weight_decay=0.0,
+        lr_scheduler="cosine",
+        lr_warmup_steps=50,
+        perceptual_weight=0.0,
     ),
     # LDM's vq-f4 first stage (models/first_stage_models/vq-f4/config.yaml): taming's VQLPIPSWithDiscriminator
     # with L1 + LPIPS, codebook weight 1.0, discriminator weight 0.75 from step 0, base lr 4.5e-6 per image.
