@@ -442,7 +442,7 @@ def chroma_error(original: Image.Image, reconstruction: Image.Image) -> float:
 
 
 def test_the_quickstart_recipe_keeps_colour(tmp_path):
-    # Colour survives training end to end (crops, loss, bf16-free fp32 step, export): trained briefly on saturated
+    # Colour survives training end to end (crops, loss, the fp32 step, export): trained briefly on saturated
     # colours, the quickstart recipe's reconstructions are far closer in chroma than the grey answer (the
     # original's luma with neutral chroma, Cb = Cr = 128). This does not reproduce the old quickstart's failure on
     # photos (lr 2e-3 gave 0.17 of the grey answer here too): that takes real photos and ~1000 steps, and is what

@@ -21,7 +21,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,6 @@ class Budget:
     threads: int = 1
     validation_steps: int = 250
     lpips: bool = False
-    extra: list[str] = field(default_factory=list)
 
 
 def build_init(channels: tuple[int, ...], folder: Path) -> Path:
@@ -140,7 +139,7 @@ def train_command(run: Run, seed: int, init: Path, train_dir: str, folder: Path,
     ]  # fmt: skip
     if not budget.lpips:
         command += ["--perceptual_weight", "0"]
-    return command + list(run.flags) + budget.extra
+    return command + list(run.flags)
 
 
 def read_curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
