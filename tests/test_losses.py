@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,6 +217,26 @@ def test_pixel_losses():
         _, logs = AutoencoderLoss(perceptual_weight=0, recon_loss=name).autoencoder_loss(x, recon, 0)
         torch.testing.assert_close(logs["pixel_loss"], oracle(recon, x))
         torch.testing.assert_close(logs["nll_loss"], oracle(recon, x, reduction="sum") / 2)
+
+
+def test_chroma_weight_scales_the_error_orthogonal_to_grey():
+    x, recon = images(seed=0), images(seed=1)
+    error = (x - recon).double().permute(0, 2, 3, 1).numpy()  # (..., RGB)
+    to_grey = np.full((3, 3), 1 / 3)  # projection onto the grey axis (1, 1, 1)
+    grey, chroma = error @ to_grey, error @ (np.eye(3) - to_grey)
+    for weight in (1.0, 4.0):
+        loss_fn = AutoencoderLoss(perceptual_weight=0, chroma_weight=weight)
+        _, logs = loss_fn.autoencoder_loss(x, recon, 0)
+        expected = ((grey**2).sum() + weight * (chroma**2).sum()) / error.size
+        assert logs["pixel_loss"].item() == pytest.approx(expected, rel=1e-5)
+    # A grey error costs the same at any weight; a chroma-only error costs `weight` times more.
+    shift = torch.tensor([0.2, -0.1, -0.1]).view(1, 3, 1, 1)
+    for delta, factor in ((torch.full_like(shift, 0.1), 1.0), (shift, 4.0)):
+        plain = AutoencoderLoss(perceptual_weight=0).autoencoder_loss(x, x + delta, 0)[1]["pixel_loss"]
+        heavy = AutoencoderLoss(perceptual_weight=0, chroma_weight=4.0).autoencoder_loss(x, x + delta, 0)[1]
+        assert heavy["pixel_loss"].item() == pytest.approx(factor * plain.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="chroma_weight"):
+        AutoencoderLoss(perceptual_weight=0, chroma_weight=0)
 
 
 def test_kl_term_matches_torch_distributions():

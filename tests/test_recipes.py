@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latentvae.benchmark.recipes import build_init, parse_run
+from latentvae.benchmark.recipes import Budget, build_init, parse_run, train_command, train_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +57,23 @@ def test_a_run_names_a_recipe_and_cannot_change_the_budget():
         parse_run("no-such-recipe")
     with pytest.raises(SystemExit, match="--max_train_steps is set by the benchmark"):
         parse_run("diffusers-example --max_train_steps 5")
+
+
+def test_a_failed_run_lets_the_others_finish_and_an_interrupted_one_resumes(tmp_path):
+    done = tmp_path / "slow" / "done"
+    jobs = [
+        ("broken", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "broken"),
+        ("slow", [sys.executable, "-c", f"import time; time.sleep(2); open({str(done)!r}, 'w')"], done.parent),
+    ]
+    with pytest.raises(SystemExit, match=r"broken \(exit 3"):
+        train_runs(jobs, parallel=2)
+    assert done.exists()  # the slow run was not stopped by the broken one
+
+    run, folder = parse_run("from-scratch"), tmp_path / "run"
+    assert "--resume_from_checkpoint" not in train_command(run, 0, tmp_path, "data", folder, Budget())
+    (folder / "checkpoint-53").mkdir(parents=True)  # what the trainer leaves when it is stopped (SIGTERM)
+    command = train_command(run, 0, tmp_path, "data", folder, Budget())
+    assert command[command.index("--resume_from_checkpoint") + 1] == "latest"
 
 
 def test_two_steps_of_two_recipes_give_the_table_curves_and_picture(tmp_path):

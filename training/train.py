@@ -338,6 +338,7 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
         perceptual_loss=perceptual,
         perceptual_weight=cfg.perceptual_weight,
         recon_loss=cfg.recon_loss,
+        chroma_weight=cfg.chroma_weight,
         learn_logvar=cfg.learn_logvar,
         disc_weight=cfg.disc_weight,
         disc_start=cfg.disc_start,

@@ -139,6 +139,8 @@ def train_command(run: Run, seed: int, init: Path, train_dir: str, folder: Path,
     ]  # fmt: skip
     if not budget.lpips:
         command += ["--perceptual_weight", "0"]
+    if any(folder.glob("checkpoint-*")):  # an interrupted run goes on where it stopped (the trainer's exact resume)
+        command += ["--resume_from_checkpoint", "latest"]
     return command + list(run.flags)
 
 
@@ -162,8 +164,9 @@ def training_minutes(curves: dict[str, list[tuple[int, float]]]) -> float | None
 
 
 def train_runs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> None:
-    """Run the training commands, `parallel` at a time, each logging to its folder's train.log."""
-    pending, running = list(jobs), []
+    """Run the training commands, `parallel` at a time, each logging to its folder's train.log; a failed run does not
+    stop the others, the failures are reported once all have ended."""
+    pending, running, failed = list(jobs), [], []
     while pending or running:
         while pending and len(running) < parallel:
             name, command, folder = pending.pop(0)
@@ -179,10 +182,12 @@ def train_runs(jobs: list[tuple[str, list[str], Path]], parallel: int) -> None:
             log.close()
             running.remove(entry)
             if process.returncode != 0:
-                for _, _, other, _ in running:
-                    other.terminate()
-                raise SystemExit(f"{name} failed (exit {process.returncode}); see {folder / 'train.log'}")
-            print(f"{name}: trained ({folder / 'final'})", flush=True)
+                failed.append(f"{name} (exit {process.returncode}; see {folder / 'train.log'})")
+                print(f"{name}: failed", flush=True)
+            else:
+                print(f"{name}: trained ({folder / 'final'})", flush=True)
+    if failed:
+        raise SystemExit("training failed: " + ", ".join(failed))
 
 
 def evaluate_run(name: str, final: Path, args: argparse.Namespace) -> dict[str, Any]:

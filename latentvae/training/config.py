@@ -107,6 +107,11 @@ class TrainConfig:
     seed: int = _f(0, "Random seed (model init, data order, augmentation, posterior noise).")
     # -- losses --
     recon_loss: str = _f("mse", "Pixel reconstruction loss: mse or l1.", choices=("mse", "l1"))
+    chroma_weight: float = _f(
+        1.0,
+        "Weight of the pixel error's chroma part (orthogonal to grey) against its grey part; > 1 makes colour "
+        "errors cost more (MSE: |e_grey|^2 + w |e_chroma|^2).",
+    )
     perceptual_weight: float = _f(1.0, "Weight of the LPIPS term (0 = off).")
     perceptual_net: str = _f(
         "vgg", "LPIPS backbone for training: vgg (as SD) or alex.", choices=("vgg", "alex")

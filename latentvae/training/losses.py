@@ -68,6 +68,9 @@ class AutoencoderLoss(nn.Module):
             as `perceptual_loss(x, x_hat) -> (B, 1, 1, 1)`. Required when `perceptual_weight > 0`.
         perceptual_weight (`float`): weight of LPIPS relative to the pixel loss (SD: 1.0; ft-MSE: 0.1). 0 disables.
         recon_loss (`str`): per-element pixel loss, `"mse"` or `"l1"` (the CompVis recipe uses l1).
+        chroma_weight (`float`): for RGB images, the error's chroma part (its component orthogonal to grey,
+            `e - mean_c(e)`) is scaled by `sqrt(chroma_weight)` before the pixel loss, so that with MSE the loss is
+            `|e_grey|^2 + chroma_weight * |e_chroma|^2`. 1.0 is the plain loss.
         learn_logvar (`bool`): learn the scalar log-variance.
         disc_weight (`float`): weight of the GAN term on top of the adaptive weight; 0 disables the GAN entirely
             (the discriminator is then never run).
@@ -82,6 +85,7 @@ class AutoencoderLoss(nn.Module):
         perceptual_loss: nn.Module | None = None,
         perceptual_weight: float = 1.0,
         recon_loss: str = "mse",
+        chroma_weight: float = 1.0,
         learn_logvar: bool = False,
         disc_weight: float = 0.5,
         disc_start: int = 50001,
@@ -101,9 +105,12 @@ class AutoencoderLoss(nn.Module):
             )
         if perceptual_weight < 0:
             raise ValueError(f"perceptual_weight must be >= 0, got {perceptual_weight}")
+        if chroma_weight <= 0:
+            raise ValueError(f"chroma_weight must be > 0, got {chroma_weight}")
         self.perceptual_loss = perceptual_loss if perceptual_weight > 0 else None
         self.perceptual_weight = perceptual_weight
         self.recon_loss = recon_loss
+        self.chroma_weight = chroma_weight
         self.learn_logvar = learn_logvar
         self.logvar = nn.Parameter(torch.zeros(()), requires_grad=learn_logvar)
         self.disc_weight = disc_weight
@@ -182,10 +189,11 @@ class AutoencoderLoss(nn.Module):
         batch_size = inputs.shape[0]
         logs: dict[str, Tensor] = {}
 
-        if self.recon_loss == "mse":
-            rec = (inputs - reconstructions).pow(2)
-        else:
-            rec = (inputs - reconstructions).abs()
+        error = inputs - reconstructions
+        if self.chroma_weight != 1.0 and error.shape[1] == 3:
+            grey = error.mean(dim=1, keepdim=True)
+            error = grey + (error - grey) * self.chroma_weight**0.5
+        rec = error.pow(2) if self.recon_loss == "mse" else error.abs()
         logs["pixel_loss"] = rec.mean()
         if self.perceptual_loss is not None:
             # Gradients must reach the decoder and encoder through LPIPS: no torch.no_grad() here.
