@@ -24,8 +24,10 @@ class TrainConfig:
     # -- model --
     model: str = _f(
         "kl",
-        "Autoencoder kind: kl (AutoencoderKL, Gaussian latent) or vq (VQModel, codebook latent).",
-        choices=("kl", "vq"),
+        "Autoencoder kind: kl (AutoencoderKL, Gaussian latent), flux2 (AutoencoderKLFlux2: Gaussian latent, plus "
+        "the BatchNorm statistics FLUX.2 pipelines normalise with, which training leaves unchanged) or vq "
+        "(VQModel, codebook latent).",
+        choices=("kl", "flux2", "vq"),
     )
     pretrained_model_name_or_path: str | None = _f(
         None, "Start from this VAE (any path latentvae.load_vae reads: diffusers folder, .safetensors, SD checkpoint).",
@@ -34,7 +36,7 @@ class TrainConfig:
     model_preset: str = _f(
         "sd-kl-f8",
         "Architecture to build from scratch when no pretrained model is given: a name in latentvae.PRESETS "
-        "(--model kl) or latentvae.VQ_PRESETS (--model vq).",
+        "(--model kl), latentvae.FLUX2_PRESETS (--model flux2) or latentvae.VQ_PRESETS (--model vq).",
     )
     decoder_only: bool = _f(
         False, "Freeze the encoder (and quant_conv): fine-tune the decoder only, as Stability did."
@@ -177,6 +179,8 @@ VQ_ONLY = (
     "codebook_usage_window",
 )
 KL_ONLY = ("kl_weight",)
+# `--model vq` / `--model flux2` alone: that kind's architecture at the default recipe's scale.
+DEFAULT_PRESETS = {"vq": "vq-f4", "flux2": "flux2-kl-f8c32"}
 
 # Named recipes: overrides of the defaults above, which are the SD kl-f8 recipe (CompVis' optimiser, lr, KL weight,
 # LPIPS-VGG weight and GAN schedule) with one deliberate change: an MSE pixel loss where CompVis trained with L1, as
@@ -327,13 +331,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     if unknown:
         raise SystemExit(f"unknown config fields {sorted(unknown)} (from --config {args.config})")
     if (
-        values.get("model") == "vq"
+        values.get("model") in DEFAULT_PRESETS
         and "model_preset" not in values
         and "pretrained_model_name_or_path" not in values
     ):
-        values["model_preset"] = (
-            "vq-f4"  # `--model vq` alone: the VQ architecture of the default recipe's scale
-        )
+        values["model_preset"] = DEFAULT_PRESETS[values["model"]]
     config = TrainConfig(**values)
     # A flag of the other model kind is a mistake worth stopping for; so is such a field in a --config file, unless
     # it holds the default (a saved config, e.g. a checkpoint's training_state.json, lists every field).
