@@ -13,28 +13,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is fir
 import json
 
 import pytest
+import test_train
 import torch
-from test_train import NUM_TRAIN, NUM_VAL, train, write_images
-from train_helpers import reset_accelerate
+from test_train import train
 
 from latentvae import AutoencoderKLFlux2, export_vae
 from latentvae.training.config import parse_config
 
+# The training tests' fixtures: generated images, and a clean Accelerate state after each test.
+image_dirs, clean_accelerate_state = test_train.image_dirs, test_train.clean_accelerate_state
 FLUX2 = ["--model", "flux2", "--model_preset", "tiny-flux2-kl-f8c32", "--max_train_steps", "2"]
-
-
-@pytest.fixture(scope="module")
-def image_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    write_images(root / "train", NUM_TRAIN, seed=1)
-    write_images(root / "val", NUM_VAL, seed=2)
-    return root / "train", root / "val"
-
-
-@pytest.fixture(autouse=True)
-def clean_accelerate_state():
-    yield
-    reset_accelerate()
 
 
 def test_a_flux2_run_exports_a_diffusers_flux2_vae_and_keeps_its_bn_statistics(image_dirs, tmp_path, capsys):
