@@ -227,3 +227,18 @@ def test_flux2_architecture_is_inferred_from_the_weights_alone(tmp_path):
     assert tuple(c.decoder_block_out_channels) == (8, 8, 16) and tuple(c.patch_size) == (3, 3)
     assert not c.use_quant_conv and not c.mid_block_add_attention
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ours.state_dict().items())
+
+
+def test_the_command_line_converts_and_describes_a_flux2_vae(tmp_path, capsys):
+    from latentvae.cli import main
+
+    ours, _ = perturbed_pair(CONFIGS["wider-decoder"])
+    export_vae(ours.half(), tmp_path / "fp16")  # a sorted file starts with the int64 bn.num_batches_tracked
+    assert main(["convert", str(tmp_path / "fp16"), str(tmp_path / "copy"), "--to", "diffusers"]) == 0
+    copy = load_file(tmp_path / "copy" / "diffusion_pytorch_model.safetensors")
+    assert copy["decoder.conv_out.weight"].dtype == torch.float16 and copy["bn.num_batches_tracked"] == 7
+    assert main(["convert", str(tmp_path / "fp16"), str(tmp_path / "flux2.safetensors"), "--to", "ldm"]) == 2
+    assert "no ldm single-file layout" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "copy")]) == 0
+    out = capsys.readouterr().out
+    assert "(decoder [16, 32, 32])" in out and "bn over [2, 2]-patchified latents (32 channels)" in out
