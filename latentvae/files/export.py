@@ -166,8 +166,8 @@ def export_vae(
     ldm_filename: str | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Export an `AutoencoderKL`, `AutoencoderKLFlux2` or `VQModel` for diffusers and (but the FLUX.2 VAE) for the
-    original (ldm) tools.
+    """Export an `AutoencoderKL`, `AutoencoderKLFlux2` or `VQModel` for diffusers and, all but the FLUX.2 VAE, for
+    the original (ldm) tools.
 
     Writes `out_dir/config.json` + `out_dir/diffusion_pytorch_model.safetensors` (for
     `diffusers.AutoencoderKL.from_pretrained(out_dir)`, or `diffusers.VQModel.from_pretrained(out_dir)`) and beside
@@ -182,7 +182,8 @@ def export_vae(
         model: the model to export, in the dtype it should be stored in.
         out_dir: destination folder, created if missing.
         ldm_filename: name of the ldm file inside `out_dir` (must end in `.safetensors`).
-        metadata: extra string metadata stored in the ldm file (e.g. training step, dataset name).
+        metadata: extra string metadata stored in the ldm file (e.g. training step, dataset name); for an
+            `AutoencoderKLFlux2`, in the diffusers weights file.
 
     Returns:
         The path of the ldm single file (its parent is `out_dir`); for an `AutoencoderKLFlux2`, of the diffusers
