@@ -61,3 +61,7 @@ def test_the_model_kind_must_fit_the_pretrained_file(image_dirs, tmp_path):
         build_vae(cfg)
     cfg, _ = parse_config(["--model", "flux2"])
     assert cfg.model_preset == "flux2-kl-f8c32"  # `--model flux2` alone: the FLUX.2 VAE's shape
+    with pytest.raises(
+        SystemExit, match="tiny-flux2-kl-f8c32.*got 'tiny-kl-f8' \\(from --recipe quickstart\\)"
+    ):
+        parse_config(["--recipe", "quickstart", "--model", "flux2"])

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from latentvae.data.loaders import DataSettings
+from latentvae.models.presets import FLUX2_PRESETS, PRESETS, VQ_PRESETS
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -181,6 +182,8 @@ VQ_ONLY = (
 KL_ONLY = ("kl_weight",)
 # `--model vq` / `--model flux2` alone: that kind's architecture at the default recipe's scale.
 DEFAULT_PRESETS = {"vq": "vq-f4", "flux2": "flux2-kl-f8c32"}
+# The shapes each kind builds from scratch (`--model_preset`).
+MODEL_PRESETS = {"kl": PRESETS, "flux2": FLUX2_PRESETS, "vq": VQ_PRESETS}
 
 # Named recipes: overrides of the defaults above, which are the SD kl-f8 recipe (CompVis' optimiser, lr, KL weight,
 # LPIPS-VGG weight and GAN schedule) with one deliberate change: an MSE pixel loss where CompVis trained with L1, as
@@ -345,4 +348,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     if misplaced := sorted((explicit & set(other)) | changed):
         kind = "kl" if config.model == "vq" else "vq"
         raise SystemExit(f"only --model {kind} uses {', '.join('--' + n for n in misplaced)}")
+    # Stopped here, not after the data is read: e.g. `--recipe quickstart --model flux2` names a KL shape.
+    shapes = MODEL_PRESETS[config.model]
+    if not config.pretrained_model_name_or_path and config.model_preset not in shapes:
+        source = "" if "model_preset" in explicit else f" (from --recipe {args.recipe})"
+        raise SystemExit(
+            f"--model {config.model} builds one of {', '.join(shapes)} (--model_preset); "
+            f"got {config.model_preset!r}{source}"
+        )
     return config, explicit
