@@ -212,6 +212,11 @@ def test_flux2_export_is_a_diffusers_folder_that_both_libraries_load(tmp_path):
         assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in state.items())
     assert_same(stock(x).sample, ours(x).sample)
     assert torch.equal(loaded(x).sample, ours(x).sample)
+    stock.save_pretrained(tmp_path / "saved-by-diffusers")  # and the other way round
+    again = load_vae(tmp_path / "saved-by-diffusers")
+    assert type(again) is AutoencoderKLFlux2
+    assert json.loads(json.dumps(public(again.config))) == json.loads(json.dumps(public(ours.config)))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(TypeError, match="no ldm single-file layout"):
         save_ldm(ours, tmp_path / "flux2.safetensors")
 
