@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any
 # public name -> the module that defines it
 _EXPORTS = {
     "AutoencoderKL": "latentvae.models.autoencoder_kl",
+    "AutoencoderKLFlux2": "latentvae.models.autoencoder_kl_flux2",
     "VQModel": "latentvae.models.vq_model",
     "DiagonalGaussianDistribution": "latentvae.models.distributions",
     "VectorQuantizer": "latentvae.models.quantizer",
     "PRESETS": "latentvae.models.presets",
+    "FLUX2_PRESETS": "latentvae.models.presets",
     "VQ_PRESETS": "latentvae.models.presets",
     "Fp16Report": "latentvae.models.inference",
     "check_fp16": "latentvae.models.inference",
@@ -27,9 +29,11 @@ _EXPORTS = {
     "VAEFileError": "latentvae.files.loading",
 }
 __all__ = [
+    "FLUX2_PRESETS",
     "PRESETS",
     "VQ_PRESETS",
     "AutoencoderKL",
+    "AutoencoderKLFlux2",
     "DiagonalGaussianDistribution",
     "Fp16Report",
     "PickleRefusedError",
@@ -48,9 +52,10 @@ if TYPE_CHECKING:
     from latentvae.files.export import export_vae
     from latentvae.files.loading import PickleRefusedError, StateDictMismatchError, VAEFileError, load_vae
     from latentvae.models.autoencoder_kl import AutoencoderKL
+    from latentvae.models.autoencoder_kl_flux2 import AutoencoderKLFlux2
     from latentvae.models.distributions import DiagonalGaussianDistribution
     from latentvae.models.inference import Fp16Report, check_fp16, optimize_for_inference
-    from latentvae.models.presets import PRESETS, VQ_PRESETS
+    from latentvae.models.presets import FLUX2_PRESETS, PRESETS, VQ_PRESETS
     from latentvae.models.quantizer import VectorQuantizer
     from latentvae.models.vq_model import VQModel
 

@@ -1,4 +1,4 @@
-"""Train an SD-style KL autoencoder (or a VQ one, `--model vq`) with Accelerate.
+"""Train an SD-style KL autoencoder (or a FLUX.2 one, `--model flux2`, or a VQ one, `--model vq`) with Accelerate.
 
     accelerate launch training/train.py --recipe quickstart          # minutes on a CPU, no data or network needed
     accelerate launch training/train.py --train_data_dir DIR         # the SD kl-f8 recipe from scratch
@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from latentvae import AutoencoderKL, VQModel
+from latentvae import AutoencoderKL, AutoencoderKLFlux2, VQModel
 from latentvae.data.images import collate_images
 from latentvae.data.loaders import build_training_data
 from latentvae.data.seeding import derived_generator
@@ -66,15 +66,15 @@ from latentvae.training.validation import grid_images, reconstruction_grid, save
 logger = get_logger("latentvae.train", log_level="INFO")
 
 
-MODEL_CLASSES = {"kl": AutoencoderKL, "vq": VQModel}
+MODEL_CLASSES = {"kl": AutoencoderKL, "flux2": AutoencoderKLFlux2, "vq": VQModel}
 
 
 def build_vae(cfg: TrainConfig) -> AutoencoderKL | VQModel:
     model_class = MODEL_CLASSES[cfg.model]
     if cfg.pretrained_model_name_or_path:
         vae = load_vae(cfg.pretrained_model_name_or_path, allow_pickle=cfg.allow_pickle)
-        if not isinstance(vae, model_class):
-            kind = next(k for k, c in MODEL_CLASSES.items() if isinstance(vae, c))
+        if type(vae) is not model_class:  # not isinstance: AutoencoderKLFlux2 is an AutoencoderKL
+            kind = next(k for k, c in MODEL_CLASSES.items() if type(vae) is c)
             raise ValueError(
                 f"{cfg.pretrained_model_name_or_path} holds an {type(vae).__name__}-type model: train it with "
                 f"--model {kind}"
@@ -250,7 +250,18 @@ def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, start
             (b["pixel_values"] for b in stats_loader),
             generator=torch.Generator().manual_seed(cfg.seed),
         )
-        vae.register_to_config(scaling_factor=stats.scaling_factor)
+        name = type(vae).__name__
+        if "scaling_factor" in vae.config:
+            vae.register_to_config(scaling_factor=stats.scaling_factor)
+            scale = f"latent scaling factor {stats.scaling_factor:.5f} (1 / std over {stats.num_images} training images)"
+        else:
+            # AutoencoderKLFlux2: its pipelines normalise with the BN buffers, which no gradient and no forward pass
+            # of training touches (diffusers' forward does not call `bn` either): they are exported as they were
+            # loaded or initialised (mean 0, variance 1).
+            scale = (
+                f"latent 1 / std {stats.scaling_factor:.5f} over {stats.num_images} training images (not written: "
+                f"{name} has no scaling_factor; its bn.running_mean / running_var are kept unchanged)"
+            )
         weights = "EMA" if ema is not None else "trained"
         export_vae(
             vae,
@@ -264,12 +275,11 @@ def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, start
             },
         )
         skipped.merge(data.skip_log.reasons.items())  # found while measuring the statistics
-        name = type(vae).__name__
         summary = [
             f"done: {step} steps in {(time.time() - started) / 60:.1f} min",
             f"final validation: PSNR {val_metrics.get('psnr', float('nan')):.2f} dB, "
             f"SSIM {val_metrics.get('ssim', float('nan')):.4f} on {val_metrics.get('num_images', 0)} images",
-            f"latent scaling factor {stats.scaling_factor:.5f} (1 / std over {stats.num_images} training images)",
+            scale,
             f"skipped images: {skipped.summary()}",
             f"checkpoints: {cfg.output_dir}/checkpoint-*   validation grids: {cfg.output_dir}/validation/",
             f"{name}: {final_dir} (weights: {weights})",

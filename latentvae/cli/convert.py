@@ -18,7 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: the parser is built without loading torch and diffusers.
-    from latentvae.files.export import save_diffusers, save_ldm
+    from latentvae.files.export import LDM_LAYOUT_CLASSES, save_diffusers, save_ldm
     from latentvae.files.loading import build_vae, read_vae
     from latentvae.models.inference import DTYPES
 
@@ -28,8 +28,13 @@ def run(args: argparse.Namespace) -> int:
     if args.to == "diffusers" and output.exists() and not output.is_dir():
         raise UsageError(f"--to diffusers writes a folder; {output} exists and is a file")
     vae_file = read_vae(args.input, allow_pickle=args.allow_pickle)
-    source_dtype = next(iter(vae_file.state_dict.values())).dtype
+    # Of the weights: not of an integer buffer (a FLUX.2 VAE's bn.num_batches_tracked, first in a sorted file).
+    source_dtype = next(v.dtype for v in vae_file.state_dict.values() if v.is_floating_point())
     model = build_vae(vae_file, dtype=DTYPES[args.dtype] if args.dtype else source_dtype)
+    if args.to == "ldm" and type(model).__name__ not in LDM_LAYOUT_CLASSES:
+        raise UsageError(
+            f"{type(model).__name__} has no ldm single-file layout here; convert it --to diffusers"
+        )
     written = save_ldm(model, output) if args.to == "ldm" else save_diffusers(model, output)
     print(f"wrote {written} ({args.to} layout, {model.dtype}) from {vae_file.file_format} {vae_file.path}")
     return 0

@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
         "config": vae_file.config_source,
         "class": type(model).__name__,
         "channels": f"in {c.in_channels}, out {c.out_channels}, latent {c.latent_channels}",
-        "block_out_channels": f"{list(c.block_out_channels)}, {c.layers_per_block} layers per block",
+        "block_out_channels": f"{list(c.block_out_channels)}, {c.layers_per_block} layers per block"
+        + (f" (decoder {list(c.decoder_block_out_channels)})" if c.get("decoder_block_out_channels") else ""),
         "norm_num_groups": str(c.norm_num_groups),
         "mid attention": yes[c.mid_block_add_attention],
     }
@@ -48,11 +49,19 @@ def run(args: argparse.Namespace) -> int:
         {
             "downsampling": f"{model.downsampling_factor}x",
             "parameters": f"encoder {counts['encoder']:,}, decoder {counts['decoder']:,}, total {counts['total']:,}",
-            "scaling_factor": f"{c.scaling_factor}"
-            + (f" (shift_factor {c.shift_factor})" if "shift_factor" in c else ""),
-            "force_upcast": str(c.force_upcast),
         }
     )
+    if "bn" in dict(model.named_children()):  # AutoencoderKLFlux2: pipelines normalise with the BN statistics
+        mean, var = model.bn.running_mean, model.bn.running_var
+        rows["latent normalisation"] = (
+            f"bn over {list(c.patch_size)}-patchified latents ({mean.numel()} channels): running_mean "
+            f"{mean.min():.4g}..{mean.max():.4g}, running_var {var.min():.4g}..{var.max():.4g}, eps {c.batch_norm_eps}"
+        )
+    else:
+        rows["scaling_factor"] = f"{c.scaling_factor}" + (
+            f" (shift_factor {c.shift_factor})" if "shift_factor" in c else ""
+        )
+        rows["force_upcast"] = str(c.force_upcast)
     width = max(map(len, rows)) + 1
     for key, value in rows.items():
         print(f"{key + ':':<{width}} {value}")

@@ -14,8 +14,8 @@ CompVis latent-diffusion):
     *.conv_shortcut (inside a resnet)         -> *.nin_shortcut
     *.conv_norm_out                           -> *.norm_out
 
-`conv_in`, `conv_out`, `quant_conv` and `post_quant_conv` are the same in both, and so is a VQ model's codebook
-`quantize.embedding.weight`: CompVis latent-diffusion's `VQModel` (the vq-f4 / vq-f8 first stages) uses the same
+`conv_in`, `conv_out`, `quant_conv` and `post_quant_conv` are the same in both, and so are a VQ model's codebook
+`quantize.embedding.weight` and the FLUX.2 VAE's `bn.*` statistics (which pass through): CompVis latent-diffusion's `VQModel` (the vq-f4 / vq-f8 first stages) uses the same
 encoder and decoder as its `AutoencoderKL`, so one converter serves both kinds. Keys that match no rule pass through
 unchanged, so a loader's strict check reports them as unexpected instead of losing them silently.
 """
@@ -23,6 +23,7 @@ unchanged, so a loader's strict check reports them as unexpected instead of losi
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -42,6 +43,9 @@ _LDM_NON_MODEL_PREFIXES = ("loss.",)
 
 # The codebook of a VQ model: the same name in the diffusers and the ldm layout (LDM's and taming's VQModel).
 CODEBOOK_KEY = "quantize.embedding.weight"
+
+# The FLUX.2 VAE's latent statistics (BatchNorm2d buffers over patchified latents): the mark of an AutoencoderKLFlux2.
+BATCH_NORM_KEY = "bn.running_mean"
 
 # Norm group counts tried, largest first, when the config has to be inferred from shapes (see `infer_config`).
 _GROUP_CANDIDATES = (32, 16, 8, 4, 2, 1)
@@ -240,12 +244,14 @@ def _layer_count(keys: list[str], prefix: str) -> int:
 
 
 def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
-    """Infer the `AutoencoderKL` or (with a `quantize.embedding.weight` codebook) `VQModel` constructor arguments
-    from tensor shapes alone.
+    """Infer the `AutoencoderKL`, (with `bn.running_mean`) `AutoencoderKLFlux2` or (with a
+    `quantize.embedding.weight` codebook) `VQModel` constructor arguments from tensor shapes alone.
 
     Recovered exactly: in/out channels, block_out_channels, layers_per_block, latent_channels,
     mid_block_add_attention and the block types; for a KL model use_quant_conv and use_post_quant_conv, for a VQ
-    model num_vq_embeddings and vq_embed_dim. Not visible in the shapes:
+    model num_vq_embeddings and vq_embed_dim, for a FLUX.2 one also decoder_block_out_channels and a square
+    patch_size (its batch_norm_eps and momentum are not in the shapes: the defaults apply). Not visible in the
+    shapes:
 
     - `norm_num_groups`: GroupNorm weights have one value per channel whatever the group count, so we pick the
       largest of 32, 16, 8, 4, 2, 1 that divides every channel count (32 for SD-shaped VAEs). A VAE trained with
@@ -275,7 +281,12 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
     block_out_channels = [
         shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(num_levels)
     ]
-    groups = next(g for g in _GROUP_CANDIDATES if all(c % g == 0 for c in block_out_channels))
+    # Decoder level i (counted from the top, as the encoder's) ends in up_blocks.{n-1-i}, at this width.
+    decoder_widths = [
+        shape(f"decoder.up_blocks.{num_levels - 1 - i}.resnets.0.conv2.weight")[0] for i in range(num_levels)
+    ]
+    widths = block_out_channels + decoder_widths
+    groups = next(g for g in _GROUP_CANDIDATES if all(c % g == 0 for c in widths))
     config = {
         "in_channels": shape("encoder.conv_in.weight")[1],
         "out_channels": shape("decoder.conv_out.weight")[0],
@@ -290,9 +301,24 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
     if CODEBOOK_KEY in state_dict:
         num_codes, code_dim = shape(CODEBOOK_KEY)
         return {"_class_name": "VQModel", **config, "num_vq_embeddings": num_codes, "vq_embed_dim": code_dim}
-    return {
-        "_class_name": "AutoencoderKL",
-        **config,
+    config |= {
         "use_quant_conv": "quant_conv.weight" in state_dict,
         "use_post_quant_conv": "post_quant_conv.weight" in state_dict,
     }
+    if BATCH_NORM_KEY in state_dict:
+        patch_area, rest = divmod(
+            shape(BATCH_NORM_KEY)[0], config["latent_channels"]
+        )  # bn over p*p*C channels
+        side = math.isqrt(patch_area)
+        if rest or side * side != patch_area:
+            raise ValueError(
+                f"Cannot infer the FLUX.2 patch size: {BATCH_NORM_KEY} has {shape(BATCH_NORM_KEY)[0]} channels, "
+                f"not a square patch of {config['latent_channels']} latent channels; ship a config.json with it."
+            )
+        return {
+            "_class_name": "AutoencoderKLFlux2",
+            **config,
+            "decoder_block_out_channels": decoder_widths if decoder_widths != block_out_channels else None,
+            "patch_size": [side, side],
+        }
+    return {"_class_name": "AutoencoderKL", **config}

@@ -5,7 +5,10 @@ SD VAE layout that AUTOMATIC1111 and ComfyUI load. `VQModel`: `_class_name` "VQM
 loads the folder), and the ldm file is the layout of CompVis latent-diffusion's `VQModel` checkpoints (vq-f4,
 vq-f8: the same encoder/decoder names plus `quantize.embedding.weight`), which `load_vae` and latent-diffusion's
 `init_from_ckpt` read; the SD tools have no use for a VQ first stage, but the file costs little and keeps one
-export format for both kinds.
+export format for both kinds. `AutoencoderKLFlux2`: `_class_name` "AutoencoderKLFlux2" (`diffusers.AutoencoderKLFlux2`
+loads the folder), and no single file: Black Forest Labs' FLUX.2 file layout is not established here (the installed
+diffusers converts only the FLUX.2 transformer from BFL's files, not the VAE), so the extra metadata goes into the
+diffusers weights file instead.
 
 Layout written by `export_vae(model, "runs/faces-vae")`::
 
@@ -40,7 +43,9 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_METADATA_KEY = "config"
 MARKER_METADATA_KEY = "latentvae_layout"
 _DIFFUSERS_ONLY_KEYS = ("_name_or_path",)
-EXPORTABLE_CLASSES = ("AutoencoderKL", "VQModel")
+EXPORTABLE_CLASSES = ("AutoencoderKL", "VQModel", "AutoencoderKLFlux2")
+# The classes written in the ldm single-file layout as well (see the module docstring for the others).
+LDM_LAYOUT_CLASSES = ("AutoencoderKL", "VQModel")
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -82,21 +87,39 @@ def _cpu_contiguous(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
 
 
-def save_diffusers(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
+def _checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    extra = dict(metadata or {})
+    bad = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(
+            f"safetensors metadata must map str to str; not so for {bad}. Convert values with json.dumps."
+        )
+    reserved = sorted({CONFIG_METADATA_KEY, MARKER_METADATA_KEY} & set(extra))
+    if reserved:
+        raise ValueError(f"Metadata keys {reserved} are reserved: the exporter writes them itself.")
+    return extra
+
+
+def save_diffusers(
+    model: torch.nn.Module, out_dir: str | os.PathLike, *, metadata: Mapping[str, str] | None = None
+) -> Path:
     """Write `config.json` and `diffusion_pytorch_model.safetensors`, for the model class's `from_pretrained`.
 
     Args:
-        model: the `AutoencoderKL` or `VQModel` to save, in the dtype it should be stored in.
+        model: the `AutoencoderKL`, `AutoencoderKLFlux2` or `VQModel` to save, in the dtype it should be stored in.
         out_dir: destination folder, created if missing.
+        metadata: extra safetensors metadata strings for the weights file; "config" and "latentvae_layout" are
+            reserved.
 
     Returns:
         The folder.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    extra = {**_checked_metadata(metadata), "format": "pt"}
     tensors = _cpu_contiguous(model.state_dict())
     text = json.dumps(model_config(model), indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=extra))
     _atomic_write(out / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return out
 
@@ -115,15 +138,11 @@ def save_ldm(
         The file written.
     """
     path = Path(path)
-    extra = dict(metadata or {})
-    bad = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
-    if bad:
+    extra = _checked_metadata(metadata)
+    if type(model).__name__ not in LDM_LAYOUT_CLASSES:
         raise TypeError(
-            f"safetensors metadata must map str to str; not so for {bad}. Convert values with json.dumps."
+            f"{type(model).__name__} has no ldm single-file layout here (see latentvae.files.export)."
         )
-    reserved = sorted({CONFIG_METADATA_KEY, MARKER_METADATA_KEY} & set(extra))
-    if reserved:
-        raise ValueError(f"Metadata keys {reserved} are reserved: the exporter writes them itself.")
     config = model_config(model)
     tensors = _cpu_contiguous(diffusers_to_ldm(model.state_dict(), len(config["block_out_channels"])))
     extra.update({"format": "pt", CONFIG_METADATA_KEY: json.dumps(config), MARKER_METADATA_KEY: "ldm"})
@@ -147,7 +166,8 @@ def export_vae(
     ldm_filename: str | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Export an `AutoencoderKL` or `VQModel` for diffusers and for the original (ldm) tools.
+    """Export an `AutoencoderKL`, `AutoencoderKLFlux2` or `VQModel` for diffusers and, all but the FLUX.2 VAE, for
+    the original (ldm) tools.
 
     Writes `out_dir/config.json` + `out_dir/diffusion_pytorch_model.safetensors` (for
     `diffusers.AutoencoderKL.from_pretrained(out_dir)`, or `diffusers.VQModel.from_pretrained(out_dir)`) and beside
@@ -156,28 +176,34 @@ def export_vae(
     config as JSON under "config". An SD-shaped KL file loads with
     `diffusers.AutoencoderKL.from_single_file(file, config=out_dir)`, in AUTOMATIC1111 and in ComfyUI.
     Exporting again into the same folder replaces the earlier ldm file(s) we wrote there, whatever their name.
+    An `AutoencoderKLFlux2` gets the diffusers folder only, `metadata` in its weights file.
 
     Args:
         model: the model to export, in the dtype it should be stored in.
         out_dir: destination folder, created if missing.
         ldm_filename: name of the ldm file inside `out_dir` (must end in `.safetensors`).
-        metadata: extra string metadata stored in the ldm file (e.g. training step, dataset name).
+        metadata: extra string metadata stored in the ldm file (e.g. training step, dataset name); for an
+            `AutoencoderKLFlux2`, in the diffusers weights file.
 
     Returns:
-        The path of the ldm single file (its parent is `out_dir`).
+        The path of the ldm single file (its parent is `out_dir`); for an `AutoencoderKLFlux2`, of the diffusers
+        weights file.
     """
     type_name = type(model).__name__
     if type_name not in EXPORTABLE_CLASSES:
-        raise TypeError(f"export_vae writes {' and '.join(EXPORTABLE_CLASSES)} models; got {type_name}.")
+        raise TypeError(f"export_vae writes {', '.join(EXPORTABLE_CLASSES)} models; got {type_name}.")
     out = Path(out_dir).resolve()
     name = ldm_filename or f"{out.name}.safetensors"
     if not name.endswith(".safetensors") or Path(name).name != name or name == WEIGHTS_NAME:
         raise ValueError(
             f"ldm_filename must be a plain file name ending in .safetensors other than {WEIGHTS_NAME}; got {name!r}."
         )
-    save_diffusers(model, out)
-    ldm_path = save_ldm(model, out / name, metadata=metadata)
+    single_file = type_name in LDM_LAYOUT_CLASSES
+    if ldm_filename is not None and not single_file:
+        raise ValueError(f"{type_name} is exported without an ldm single file: ldm_filename has no use.")
+    save_diffusers(model, out, metadata=None if single_file else metadata)
+    written = save_ldm(model, out / name, metadata=metadata) if single_file else out / WEIGHTS_NAME
     for stale in out.glob("*.safetensors"):
-        if stale.name not in (name, WEIGHTS_NAME) and _written_by_us(stale):
+        if stale not in (written, out / WEIGHTS_NAME) and _written_by_us(stale):
             stale.unlink()
-    return ldm_path
+    return written

@@ -16,7 +16,8 @@ Accepted (the first match wins):
 
 The config comes from the safetensors metadata ("config", as `export_vae` writes it), else a VAE `config.json`
 in the same folder, else it is inferred from the tensor shapes (`latentvae.files.convert.infer_config`). Its
-`_class_name` picks the model: `AutoencoderKL`, or `VQModel` (also inferred when the tensors hold a codebook,
+`_class_name` picks the model: `AutoencoderKL`, `AutoencoderKLFlux2` (also inferred when the tensors hold the FLUX.2
+latent statistics, `bn.running_mean`) or `VQModel` (also inferred when the tensors hold a codebook,
 `quantize.embedding.weight`, e.g. a CompVis latent-diffusion vq-f4 checkpoint).
 """
 
@@ -34,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from latentvae.files.convert import LDM, VAE_PREFIXES, infer_config, to_diffusers_layout
 from latentvae.files.export import CONFIG_METADATA_KEY, CONFIG_NAME, WEIGHTS_NAME
 from latentvae.models.autoencoder_kl import AutoencoderKL
+from latentvae.models.autoencoder_kl_flux2 import AutoencoderKLFlux2
 from latentvae.models.vq_model import VQModel
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -97,8 +99,12 @@ class VAEFile:
 
 
 # `_class_name` -> the class to build. The key conversion (`to_diffusers_layout`) and shape inference
-# (`infer_config`) serve both kinds.
-MODEL_CLASSES: dict[str, type] = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
+# (`infer_config`) serve every kind.
+MODEL_CLASSES: dict[str, type] = {
+    "AutoencoderKL": AutoencoderKL,
+    "AutoencoderKLFlux2": AutoencoderKLFlux2,
+    "VQModel": VQModel,
+}
 
 
 def _read_json(path: Path) -> dict:
@@ -281,11 +287,14 @@ def build_vae(
     ]
     if missing or unexpected or mismatched:
         raise StateDictMismatchError(str(vae_file.path), missing, unexpected, mismatched)
-    # Cast the tensors rather than the model: diffusers' ModelMixin.to(dtype) logs a spurious warning.
-    target = {"device": device or "cpu", "dtype": dtype or torch.float32}
-    model.load_state_dict(
-        {k: v.to(**target) for k, v in vae_file.state_dict.items()}, strict=True, assign=True
-    )
+    # Cast the tensors rather than the model: diffusers' ModelMixin.to(dtype) logs a spurious warning. Integer
+    # buffers (a BatchNorm's num_batches_tracked) keep their dtype, as Module.to(dtype) leaves them.
+    device, dtype = device or "cpu", dtype or torch.float32
+    tensors = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        for k, v in vae_file.state_dict.items()
+    }
+    model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval()
 
 
@@ -306,7 +315,8 @@ def load_vae(
         dtype: parameter dtype (default float32).
 
     Returns:
-        A `latentvae.AutoencoderKL` or `latentvae.VQModel` (as the config's `_class_name` says) in eval mode.
+        A `latentvae.AutoencoderKL`, `latentvae.AutoencoderKLFlux2` or `latentvae.VQModel` (as the config's
+        `_class_name` says) in eval mode.
 
     Raises:
         FileNotFoundError: nothing at `path`, or no weights in the folder.

@@ -73,23 +73,34 @@ class AutoencoderKL(DiffusersTwin):
         mid_block_add_attention: bool = True,
     ):
         super().__init__()
-        check_block_types(down_block_types, up_block_types, len(block_out_channels))
-        # Shared by encoder and decoder: (widths, resnets per level, norm groups, activation, mid attention).
-        shape = (
-            tuple(block_out_channels),
-            layers_per_block,
-            norm_num_groups,
-            act_fn,
-            mid_block_add_attention,
-        )
-        self.encoder = Encoder(in_channels, latent_channels, *shape)
-        self.decoder = Decoder(latent_channels, out_channels, *shape)
-        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
+        self._build()
+
+    def _build(self) -> None:
+        """The encoder, the quant convs, the decoder (whose widths may differ from the encoder's,
+        `decoder_block_out_channels`) and the tiling switches, from `self.config`, which @register_to_config fills
+        before the constructor's body runs (diffusers' own models read it there too): the body that
+        `AutoencoderKLFlux2` shares, around a config of its own."""
+        c = self.config
+        block_out_channels = tuple(c.block_out_channels)
+        decoder_block_out_channels = tuple(c.get("decoder_block_out_channels") or block_out_channels)
+        check_block_types(c.down_block_types, c.up_block_types, len(block_out_channels))
+        if len(decoder_block_out_channels) != len(block_out_channels):
+            raise ValueError(
+                f"decoder_block_out_channels {decoder_block_out_channels} must have one width per level, "
+                f"as block_out_channels {block_out_channels}"
+            )
+        # Shared by encoder and decoder: (resnets per level, norm groups, activation, mid attention).
+        shape = (c.layers_per_block, c.norm_num_groups, c.act_fn, c.mid_block_add_attention)
+        latent = c.latent_channels
+        self.decoder_widths = decoder_block_out_channels
+        self.encoder = Encoder(c.in_channels, latent, block_out_channels, *shape)
+        self.decoder = Decoder(latent, c.out_channels, decoder_block_out_channels, *shape)
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if c.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(latent, latent, 1) if c.use_post_quant_conv else None
 
         self.use_slicing = False
         self.use_tiling = False
-        size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        size = c.sample_size[0] if isinstance(c.sample_size, (list, tuple)) else c.sample_size
         self.tile_sample_size = int(size)
         self.tile_overlap = 0.25
         self.tile_memory_budget: int | str | None = "auto"  # see enable_tiling
@@ -138,9 +149,8 @@ class AutoencoderKL(DiffusersTwin):
 
     def untiled_peak_bytes(self, shape: tuple[int, ...], decode: bool = True) -> int:
         """Estimated peak activation memory of an untiled decode (or encode) of images of `shape` (B, C, H, W)."""
-        return activation_peak_bytes(
-            self.config.block_out_channels, shape, self.dtype.itemsize, decoder=decode
-        )
+        widths = self.decoder_widths if decode else self.config.block_out_channels
+        return activation_peak_bytes(widths, shape, self.dtype.itemsize, decoder=decode)
 
     def _should_tile(self, image_shape: tuple[int, ...], decode: bool) -> bool:
         # Without resampling levels everything runs at the latent's resolution, untiled (see _tiled_encode).

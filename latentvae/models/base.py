@@ -1,5 +1,5 @@
-"""What the diffusers twins (`AutoencoderKL`, `VQModel`) share: presets, conversion to and from diffusers' own
-class, and the sizes pipelines read (`downsampling_factor`, parameter counts)."""
+"""What the diffusers twins (`AutoencoderKL`, its subclass `AutoencoderKLFlux2`, `VQModel`) share: presets,
+conversion to and from diffusers' own class, and the sizes pipelines read (`downsampling_factor`, parameter counts)."""
 
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def fastest_dtype(vae: nn.Module, probe_images: Tensor | None = None) -> tuple[t
             if report.safe:
                 return torch.float16, "no bf16 on this GPU; check_fp16 passed on the probe images"
             return torch.float32, f"no bf16 on this GPU and fp16 overflows in {report.overflowing}"
-        if not vae.config.force_upcast:
+        if not vae.config.get("force_upcast", True):  # AutoencoderKLFlux2's config has no such flag
             return (
                 torch.float16,
                 "no bf16 on this GPU; the config declares the model fp16-safe (force_upcast=False)",

@@ -51,7 +51,8 @@ def gaussian_kl(moments: Tensor) -> Tensor:
 
 
 class GaussianAutoencoding(Autoencoding):
-    """A KL autoencoder (`AutoencoderKL`, ours or diffusers'): reconstruct from a posterior sample, KL-regularised.
+    """A KL autoencoder (`AutoencoderKL`, ours or diffusers', `AutoencoderKLFlux2` too): reconstruct from a posterior
+    sample, KL-regularised.
 
     Args:
         vae: the model to train.
@@ -165,5 +166,5 @@ def build_autoencoding(vae: nn.Module, cfg: TrainConfig) -> Autoencoding:
     if isinstance(vae, AutoencoderKL):
         return GaussianAutoencoding(vae, cfg.kl_weight)
     raise TypeError(
-        f"cannot train a {type(vae).__name__}: training/train.py trains AutoencoderKL and VQModel"
+        f"cannot train a {type(vae).__name__}: training/train.py trains AutoencoderKL (AutoencoderKLFlux2 too) and VQModel"
     )

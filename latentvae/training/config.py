@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from latentvae.data.loaders import DataSettings
+from latentvae.models.presets import FLUX2_PRESETS, PRESETS, VQ_PRESETS
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -24,8 +25,10 @@ class TrainConfig:
     # -- model --
     model: str = _f(
         "kl",
-        "Autoencoder kind: kl (AutoencoderKL, Gaussian latent) or vq (VQModel, codebook latent).",
-        choices=("kl", "vq"),
+        "Autoencoder kind: kl (AutoencoderKL, Gaussian latent), flux2 (AutoencoderKLFlux2: Gaussian latent, plus "
+        "the BatchNorm statistics FLUX.2 pipelines normalise with, which training leaves unchanged) or vq "
+        "(VQModel, codebook latent).",
+        choices=("kl", "flux2", "vq"),
     )
     pretrained_model_name_or_path: str | None = _f(
         None, "Start from this VAE (any path latentvae.load_vae reads: diffusers folder, .safetensors, SD checkpoint).",
@@ -34,7 +37,7 @@ class TrainConfig:
     model_preset: str = _f(
         "sd-kl-f8",
         "Architecture to build from scratch when no pretrained model is given: a name in latentvae.PRESETS "
-        "(--model kl) or latentvae.VQ_PRESETS (--model vq).",
+        "(--model kl), latentvae.FLUX2_PRESETS (--model flux2) or latentvae.VQ_PRESETS (--model vq).",
     )
     decoder_only: bool = _f(
         False, "Freeze the encoder (and quant_conv): fine-tune the decoder only, as Stability did."
@@ -182,6 +185,10 @@ VQ_ONLY = (
     "codebook_usage_window",
 )
 KL_ONLY = ("kl_weight",)
+# `--model vq` / `--model flux2` alone: that kind's architecture at the default recipe's scale.
+DEFAULT_PRESETS = {"vq": "vq-f4", "flux2": "flux2-kl-f8c32"}
+# The shapes each kind builds from scratch (`--model_preset`).
+MODEL_PRESETS = {"kl": PRESETS, "flux2": FLUX2_PRESETS, "vq": VQ_PRESETS}
 
 # Named recipes: overrides of the defaults above, which are the SD kl-f8 recipe (CompVis' optimiser, lr, KL weight,
 # LPIPS-VGG weight and GAN schedule) with one deliberate change: an MSE pixel loss where CompVis trained with L1, as
@@ -332,13 +339,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     if unknown:
         raise SystemExit(f"unknown config fields {sorted(unknown)} (from --config {args.config})")
     if (
-        values.get("model") == "vq"
+        values.get("model") in DEFAULT_PRESETS
         and "model_preset" not in values
         and "pretrained_model_name_or_path" not in values
     ):
-        values["model_preset"] = (
-            "vq-f4"  # `--model vq` alone: the VQ architecture of the default recipe's scale
-        )
+        values["model_preset"] = DEFAULT_PRESETS[values["model"]]
     config = TrainConfig(**values)
     # A flag of the other model kind is a mistake worth stopping for; so is such a field in a --config file, unless
     # it holds the default (a saved config, e.g. a checkpoint's training_state.json, lists every field).
@@ -348,4 +353,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     if misplaced := sorted((explicit & set(other)) | changed):
         kind = "kl" if config.model == "vq" else "vq"
         raise SystemExit(f"only --model {kind} uses {', '.join('--' + n for n in misplaced)}")
+    # Stopped here, not after the data is read: e.g. `--recipe quickstart --model flux2` names a KL shape.
+    shapes = MODEL_PRESETS[config.model]
+    if not config.pretrained_model_name_or_path and config.model_preset not in shapes:
+        source = "" if "model_preset" in explicit else f" (from --recipe {args.recipe})"
+        raise SystemExit(
+            f"--model {config.model} builds one of {', '.join(shapes)} (--model_preset); "
+            f"got {config.model_preset!r}{source}"
+        )
     return config, explicit
