@@ -94,13 +94,15 @@ def build_vae(cfg: TrainConfig) -> AutoencoderKL | VQModel:
 
 
 def build_perceptual(cfg: TrainConfig, explicit: set[str]) -> nn.Module | None:
-    """LPIPS for the loss; offline without backbone weights: an error, or (quickstart) a loud warning and none."""
+    """LPIPS for the loss, its backbone downloaded on first use; offline (or unreachable) without the backbone
+    weights: an error, or (quickstart) a loud warning and none."""
     if cfg.perceptual_weight <= 0:
         return None
     try:
         return build_lpips(
             cfg.perceptual_net,
             random_backbone=cfg.perceptual_random_backbone,
+            offline=cfg.offline,
             alternative="train without the perceptual term: --perceptual_weight 0",
         )
     except MissingWeightsError as err:

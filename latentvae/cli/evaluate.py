@@ -39,7 +39,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch_size", type=int, default=8, help="images per batch (default: 8)")
     parser.add_argument("--max_images", type=int, help="only the first N image files, in name order")
-    parser.add_argument("--lpips_net", choices=("alex", "vgg"), default="alex", help="LPIPS backbone")
+    parser.add_argument(
+        "--lpips_net",
+        choices=("alex", "vgg", "squeeze"),
+        default="alex",
+        help="LPIPS backbone (default: alex)",
+    )
     parser.add_argument("--no_lpips", action="store_true", help="leave LPIPS out")
     fid = parser.add_mutually_exclusive_group()
     fid.add_argument("--fid", dest="fid", action="store_true", default=True, help="rFID (the default)")
@@ -55,6 +60,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--allow_pickle", action="store_true", help="read .ckpt/.pt/.bin model files; only files you trust"
+    )
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="never download LPIPS / FID weights (as HF_HUB_OFFLINE=1); a missing one leaves its column empty",
     )
 
 
@@ -90,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=DTYPES[args.dtype],
         grid_images=args.grid_images,
         allow_pickle=args.allow_pickle,
+        offline=args.offline,
     )
     try:
         data = open_data(args.data_dir, args.dataset_name, args.image_column, args.split, args.max_images)

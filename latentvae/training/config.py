@@ -109,10 +109,19 @@ class TrainConfig:
     recon_loss: str = _f("mse", "Pixel reconstruction loss: mse or l1.", choices=("mse", "l1"))
     perceptual_weight: float = _f(1.0, "Weight of the LPIPS term (0 = off).")
     perceptual_net: str = _f(
-        "vgg", "LPIPS backbone for training: vgg (as SD) or alex.", choices=("vgg", "alex")
+        "vgg",
+        "LPIPS backbone for training: vgg (as SD), alex or squeeze (SqueezeNet 1.1, a 5 MB download).",
+        choices=("vgg", "alex", "squeeze"),
     )
     perceptual_fallback: bool = _f(
-        False, "If LPIPS backbone weights are missing offline, warn and train without the perceptual term."
+        False,
+        "If the LPIPS backbone weights are missing and cannot be downloaded, warn and train without the "
+        "perceptual term.",
+    )
+    offline: bool = _f(
+        False,
+        "Never download pretrained weights (as HF_HUB_OFFLINE=1): a file missing from the torch hub cache is an "
+        "error that names it.",
     )
     perceptual_random_backbone: bool = _f(
         False,
@@ -203,6 +212,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         lr_scheduler="cosine",
         lr_warmup_steps=20,
         perceptual_weight=0.1,
+        perceptual_net="squeeze",  # 5 MB of weights to download, not VGG16's 528 MB
         perceptual_fallback=True,
         dataloader_num_workers=0,
         validation_steps=400,
