@@ -21,6 +21,7 @@ _EXPORTS = {
     "check_fp16": "latentvae.models.inference",
     "optimize_for_inference": "latentvae.models.inference",
     "export_vae": "latentvae.files.export",
+    "CardInfo": "latentvae.files.card",
     "load_vae": "latentvae.files.loading",
     "PickleRefusedError": "latentvae.files.loading",
     "StateDictMismatchError": "latentvae.files.loading",
@@ -30,6 +31,7 @@ __all__ = [
     "PRESETS",
     "VQ_PRESETS",
     "AutoencoderKL",
+    "CardInfo",
     "DiagonalGaussianDistribution",
     "Fp16Report",
     "PickleRefusedError",
@@ -45,6 +47,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from latentvae.files.card import CardInfo
     from latentvae.files.export import export_vae
     from latentvae.files.loading import PickleRefusedError, StateDictMismatchError, VAEFileError, load_vae
     from latentvae.models.autoencoder_kl import AutoencoderKL

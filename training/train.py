@@ -8,7 +8,8 @@
 
 Reads top to bottom: setup, data, model and EMA, losses and optimizers, `accelerator.prepare`, resume, loop
 (one `TrainStep` per batch: autoencoder step, discriminator step; then EMA, logging, validation, checkpoints), then
-the latent scaling factor and the export to `output_dir/final/`. The module DDP wraps (reconstruction plus the
+the latent scaling factor and the export to `output_dir/final/` (with its model card; `--push_to_hub` uploads it:
+`latentvae.training.publish`). The module DDP wraps (reconstruction plus the
 latent regulariser's loss: KL or VQ) is `latentvae.training.autoencoding`; the step itself is
 `latentvae.training.step`; the randomness that makes a resumed run exact is `latentvae.data.seeding`; the data
 (folder, dataset or streamed shards) is `latentvae.data.loaders`.
@@ -52,6 +53,7 @@ from latentvae.data.seeding import derived_generator
 from latentvae.data.skips import SkipLog
 from latentvae.evaluation.latent_stats import measure_latent_stats
 from latentvae.files.export import export_vae
+from latentvae.files.hub import check_can_push
 from latentvae.files.loading import load_vae
 from latentvae.models.discriminator import NLayerDiscriminator
 from latentvae.pretrained import MissingWeightsError, build_lpips
@@ -59,6 +61,7 @@ from latentvae.training.autoencoding import build_autoencoding
 from latentvae.training.checkpointing import latest_checkpoint, resume, resume_command, save_checkpoint
 from latentvae.training.config import TrainConfig, parse_config
 from latentvae.training.losses import AutoencoderLoss
+from latentvae.training.publish import copy_last_grid, push_training, training_card
 from latentvae.training.signals import PreemptionHandler, ignore_stop_signals
 from latentvae.training.step import NonFiniteGuard, NonFiniteTrainingError, TrainStep
 from latentvae.training.validation import grid_images, reconstruction_grid, save_grid, validate
@@ -233,8 +236,8 @@ class StepLog:
 
 
 def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, started: float) -> Path:
-    """Measure the latent scaling factor (EMA weights when EMA is on), export to `output_dir/final/` and print the
-    summary (main process)."""
+    """Measure the latent scaling factor (EMA weights when EMA is on), export to `output_dir/final/` with its model
+    card, print the summary and, with --push_to_hub, upload the export (main process)."""
     skipped = SkipLog()  # the skips every process saw, for the summary
     for reasons in gather_object([data.skip_log.reasons]):
         skipped.merge(reasons.items())
@@ -254,9 +257,22 @@ def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, start
         )
         vae.register_to_config(scaling_factor=stats.scaling_factor)
         weights = "EMA" if ema is not None else "trained"
+        card = training_card(
+            cfg,
+            steps=step,
+            images_per_step=cfg.train_batch_size
+            * accelerator.num_processes
+            * cfg.gradient_accumulation_steps,
+            learning_rate=lr_for(cfg, accelerator),
+            data=data.description,
+            validation=val_metrics,
+            stats=stats,
+            grid=copy_last_grid(Path(cfg.output_dir), final_dir),
+        )
         export_vae(
             vae,
             final_dir,
+            card=card,
             metadata={
                 "weights": weights.lower(),
                 "global_step": str(step),
@@ -278,6 +294,9 @@ def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, start
             f"use it: diffusers.{name}.from_pretrained('{final_dir}'), e.g. as a pipeline's `{vae.pipeline_component}`",
         ]
         print("\n".join(summary), flush=True)
+        if cfg.push_to_hub:
+            for url in push_training(cfg, final_dir, step):
+                print(f"pushed to the Hub: {url}", flush=True)
     accelerator.end_training()
     return final_dir
 
@@ -317,6 +336,8 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     SIGINT stopped the run early."""
     # -- setup --------------------------------------------------------------------------------------------------
     output_dir = Path(cfg.output_dir)
+    if cfg.push_to_hub:
+        check_can_push(cfg.offline)  # now, not after the training
     accelerator = build_accelerator(cfg)
     # Identical initial weights on every process. Crops and posterior noise do not use this global RNG: they
     # are seeded by position (latentvae.data.seeding), which is what makes a resumed run exact.

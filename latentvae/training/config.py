@@ -167,9 +167,29 @@ class TrainConfig:
     scaling_factor_images: int = _f(
         512, "Training images used to measure the latent scaling factor at the end."
     )
+    # -- model card and the Hub --
+    license: str | None = _f(None, "License written into the model card (a Hub license id, e.g. apache-2.0).")
+    base_model: str | None = _f(
+        None,
+        "Hub id of the model fine-tuned, for the model card (default: recognised from "
+        "--pretrained_model_name_or_path where it is a Hub cache snapshot or one of Stability's VAE files).",
+    )
+    push_to_hub: bool = _f(False, "At the end, upload output_dir/final/ to the Hub (main process).")
+    hub_model_id: str | None = _f(
+        None, "Hub repository to push to, user/name (default: the output folder's name, under your account)."
+    )
+    hub_token: str | None = _f(
+        None, "Hub token (default: HF_TOKEN or the one `hf auth login` saved); never saved in checkpoints."
+    )
+    hub_private_repo: bool = _f(False, "Create the Hub repository private.")
+    push_checkpoints: bool = _f(
+        False, "With --push_to_hub, also upload the checkpoints (into checkpoints/ of the repository)."
+    )
+    recipe: str = _f("sd-kl-f8", "The named recipe the values started from (set by --recipe).", flag=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # The token stays out of checkpoints, the tracker and model cards.
+        return {**dataclasses.asdict(self), "hub_token": None}
 
     def data_settings(self) -> DataSettings:
         """The fields the data layer reads, as its own settings object."""
@@ -286,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default=None, help="JSON file of field values (flags given here win).")
     for f in fields(TrainConfig):
+        if not f.metadata.get("flag", True):
+            continue
         names = [f"--{f.name}", f"--{f.name.replace('_', '-')}"] + list(f.metadata.get("aliases", ()))
         names = list(dict.fromkeys(names))
         help = f"{f.metadata['help']} (default: {f.default})"
@@ -325,7 +347,7 @@ def _or_none(convert):
 def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     """Defaults < recipe (`--recipe`) < `--config` JSON < flags. Returns the config and the explicitly set names."""
     args = build_parser().parse_args(argv)
-    values = dict(RECIPES[args.recipe])
+    values = {"recipe": args.recipe, **RECIPES[args.recipe]}
     from_file = {}
     if args.config:
         with open(args.config) as handle:
