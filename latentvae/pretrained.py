@@ -83,8 +83,9 @@ class MissingWeightsError(FileNotFoundError, RuntimeError):
             f"Missing pretrained weights: {weights.description}, file '{weights.filename}', is not in the torch hub "
             f"cache {directory} ({reason}).\n"
             f"  Fix: download {weights.url} (on any machine with internet) and copy it to "
-            f"{directory / weights.filename} (the folder follows $TORCH_HOME; default ~/.cache/torch); online, "
-            f"without {OFFLINE_ENV}=1 or --offline, it is downloaded there on first use.\n"
+            f"{directory / weights.filename} (the folder follows $TORCH_HOME; default ~/.cache/torch). It is "
+            f"downloaded there on first use when the network is reachable and neither {OFFLINE_ENV}=1 nor "
+            "--offline is set.\n"
             f"  Or: {alternative}."
         )
         self.filename = weights.filename

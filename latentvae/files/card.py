@@ -29,11 +29,11 @@ CARD_TAG = "latentvae"  # in every card we write: a re-export replaces only a ca
 EVALUATION_BEGIN = "<!-- latentvae:evaluation:begin -->"
 EVALUATION_END = "<!-- latentvae:evaluation:end -->"
 USAGE_HEADING = "## Use\n"
-# The original-SD VAE files that Stability published, by file stem, and the Hub repositories that hold them.
+# The original-SD VAE files that Stability published, by file stem, and the Hub repositories that hold them (only
+# names no other well-known VAE uses: `sdxl_vae.safetensors`, for one, is also the name of the fp16-fix VAE's file).
 KNOWN_BASE_MODELS = {
     "vae-ft-mse-840000-ema-pruned": "stabilityai/sd-vae-ft-mse-original",
     "vae-ft-ema-560000-ema-pruned": "stabilityai/sd-vae-ft-ema-original",
-    "sdxl_vae": "stabilityai/sdxl-vae",
 }
 # The constructor arguments that make a VAE "SD-shaped": what AUTOMATIC1111 and ComfyUI build for a VAE file.
 _SD_SHAPE = {
