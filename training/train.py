@@ -348,7 +348,8 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     data = build_training_data(cfg.data_settings(), accelerator, worker_init_fn=ignore_stop_signals)
     logger.info(data.description, main_process_only=True)
     val_set = data.validation_set()
-    perceptual = build_perceptual(cfg, explicit)
+    with accelerator.main_process_first():  # one process downloads the backbone; the others find it cached
+        perceptual = build_perceptual(cfg, explicit)
 
     # -- model, EMA, losses, optimizers -------------------------------------------------------------------------
     vae = build_vae(cfg)
