@@ -8,11 +8,11 @@
 
 Reads top to bottom: setup, data, model and EMA, losses and optimizers, `accelerator.prepare`, resume, loop
 (one `TrainStep` per batch: autoencoder step, discriminator step; then EMA, logging, validation, checkpoints), then
-the latent scaling factor and the export to `output_dir/final/` (with its model card; `--push_to_hub` uploads it:
-`latentvae.training.publish`). The module DDP wraps (reconstruction plus the
-latent regulariser's loss: KL or VQ) is `latentvae.training.autoencoding`; the step itself is
-`latentvae.training.step`; the randomness that makes a resumed run exact is `latentvae.data.seeding`; the data
-(folder, dataset or streamed shards) is `latentvae.data.loaders`.
+the latent scaling factor and the export to `output_dir/final/` with its model card (`--push_to_hub` uploads it:
+`latentvae.training.publish`). The module DDP wraps (reconstruction plus the latent regulariser's loss: KL or VQ)
+is `latentvae.training.autoencoding`; the step itself is `latentvae.training.step`; the randomness that makes a
+resumed run exact is `latentvae.data.seeding`; the data (folder, dataset or streamed shards) is
+`latentvae.data.loaders`.
 
 What may go wrong, and what happens then: a broken image is skipped with a warning and counted (more than
 --max_bad_fraction is an error with the list); SIGTERM / SIGINT finishes the step, writes a checkpoint and exits 0
@@ -136,13 +136,15 @@ def refuse_sharding(kind: str) -> None:
     )
 
 
+def images_per_step(cfg: TrainConfig, accelerator: Accelerator) -> int:
+    return cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+
+
 def lr_for(cfg: TrainConfig, accelerator: Accelerator) -> float:
     if not cfg.scale_lr:
         return cfg.learning_rate
     # latent-diffusion: base lr per image, times the number of images per optimizer step
-    return (
-        cfg.learning_rate * cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-    )
+    return cfg.learning_rate * images_per_step(cfg, accelerator)
 
 
 def checkpoint(accelerator, cfg, vae, data, step: int) -> Path:
@@ -220,9 +222,7 @@ class StepLog:
 
     def __init__(self, accelerator, cfg, scheduler, progress, step: int):
         self.accelerator, self.cfg, self.scheduler, self.progress = accelerator, cfg, scheduler, progress
-        self.images_per_step = (
-            cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-        )
+        self.images_per_step = images_per_step(cfg, accelerator)
         self.tick, self.tick_step = time.time(), step
 
     def __call__(self, step: int, logs: dict) -> None:
@@ -260,9 +260,7 @@ def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, start
         card = training_card(
             cfg,
             steps=step,
-            images_per_step=cfg.train_batch_size
-            * accelerator.num_processes
-            * cfg.gradient_accumulation_steps,
+            images_per_step=images_per_step(cfg, accelerator),
             learning_rate=lr_for(cfg, accelerator),
             data=data.description,
             validation=val_metrics,
@@ -396,8 +394,7 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     # -- loop -----------------------------------------------------------------------------------------------------
     logger.info(
         f"{sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M parameters, {max_steps} steps of "
-        f"{cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps} images, "
-        f"lr {lr_for(cfg, accelerator):.3g}",
+        f"{images_per_step(cfg, accelerator)} images, lr {lr_for(cfg, accelerator):.3g}",
         main_process_only=True,
     )
     progress = tqdm(
