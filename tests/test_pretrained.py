@@ -176,6 +176,24 @@ def test_train_offline_flag_stops_or_falls_back_without_any_connection(online, c
     assert connections == []
 
 
+def test_the_quickstart_falls_back_quickly_when_the_network_is_away(online, monkeypatch, request, caplog):
+    from accelerate import PartialState
+    from train_helpers import reset_accelerate
+
+    from latentvae.training.config import parse_config
+    from training.train import build_perceptual
+
+    PartialState()
+    request.addfinalizer(reset_accelerate)
+    serve_squeezenet(monkeypatch, f"http://127.0.0.1:{closed_port()}")
+    cfg, explicit = parse_config(["--recipe", "quickstart"])
+    started = time.perf_counter()
+    with caplog.at_level("WARNING"):
+        assert build_perceptual(cfg, explicit) is None
+    assert time.perf_counter() - started < 5
+    assert "WITHOUT THE PERCEPTUAL" in caplog.text and "download failed" in caplog.text
+
+
 def test_evaluate_offline_flag_leaves_the_metrics_out_without_any_connection(online, connections):
     from latentvae.evaluation.evaluate import build_metric_networks
     from latentvae.evaluation.results import EvalSettings
