@@ -90,6 +90,10 @@ def test_an_sd_shaped_vae_points_comfyui_and_automatic1111_at_its_single_file():
     assert 'AutoencoderKL.from_pretrained("me/faces"' in card.text and "StableDiffusionPipeline" in card.text
     assert f"total {stock.num_parameters() / 1e6:.2f} M" in row(card.text, "parameters")
     assert "-> 4x32x32 " in row(card.text, "latent")
+    without_file = model_card(
+        model, model_config(model), "faces-vae", None, CardInfo()
+    ).text  # `convert` writes it
+    assert "`latentvae convert faces-vae faces-vae.safetensors --to ldm`" in without_file
 
 
 def test_reexport_replaces_our_card_and_leaves_a_users_readme(tmp_path):

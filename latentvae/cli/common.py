@@ -44,7 +44,5 @@ def ensure_model_card(folder: str | Path, info: CardInfo) -> Path:
     if not (folder / CARD_NAME).is_file():
         # the card names the single-file export: the .safetensors beside the diffusers weights
         singles = sorted(p.name for p in folder.glob("*.safetensors") if p.name != WEIGHTS_NAME)
-        write_model_card(
-            load_vae(folder), folder, singles[0] if singles else f"{folder.name}.safetensors", info
-        )
+        write_model_card(load_vae(folder), folder, singles[0] if singles else None, info)
     return folder / CARD_NAME

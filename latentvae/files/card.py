@@ -176,7 +176,7 @@ def _training_section(record: TrainingRecord) -> str:
     return "\n".join(parts)
 
 
-def _usage_section(config: dict, name: str, ldm_filename: str, info: CardInfo) -> str:
+def _usage_section(config: dict, name: str, ldm_filename: str | None, info: CardInfo) -> str:
     where = json.dumps(info.repo_id or f"path/to/{name}")
     cls = config["_class_name"]
     lines = [
@@ -192,9 +192,12 @@ def _usage_section(config: dict, name: str, ldm_filename: str, info: CardInfo) -
             'pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", '
             "vae=vae, torch_dtype=torch.float16)\n```",
             f"\nComfyUI / AUTOMATIC1111: `{ldm_filename}` is the same VAE in the original Stable Diffusion key "
-            "layout: put it in `ComfyUI/models/vae/` or `stable-diffusion-webui/models/VAE/`.",
+            "layout: put it in `ComfyUI/models/vae/` or `stable-diffusion-webui/models/VAE/`."
+            if ldm_filename
+            else "\nComfyUI / AUTOMATIC1111 read the original Stable Diffusion key layout: write that single file "
+            f"with `latentvae convert {name} {name}.safetensors --to ldm`.",
         ]
-    else:
+    elif ldm_filename:
         lines.append(
             f"\n`{ldm_filename}` holds the same weights in the original latent-diffusion key layout, with the "
             "config in its metadata (`latentvae.load_vae` reads it). AUTOMATIC1111 and ComfyUI build the fixed SD "
@@ -230,7 +233,7 @@ def model_card(
         model: the `AutoencoderKL` or `VQModel`.
         config: its full config (`latentvae.files.export.model_config`).
         name: the export folder's name, the card's title.
-        ldm_filename: the original-layout single file beside it.
+        ldm_filename: the original-layout single file beside it, if there is one.
         info: what the model itself cannot say.
 
     Returns:

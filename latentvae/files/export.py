@@ -154,10 +154,11 @@ def _card_is_ours(path: Path) -> bool:
 
 
 def write_model_card(
-    model: torch.nn.Module, out_dir: str | os.PathLike, ldm_filename: str, info: CardInfo | None = None
+    model: torch.nn.Module, out_dir: str | os.PathLike, ldm_filename: str | None, info: CardInfo | None = None
 ) -> Path | None:
-    """Write `out_dir/README.md`, the model card (`latentvae.files.card.model_card`), unless the folder holds a
-    README.md that we did not write (it is left as it is, and None returned)."""
+    """Write `out_dir/README.md`, the model card (`latentvae.files.card.model_card`; `ldm_filename`: the single file
+    beside it, if any), unless the folder holds a README.md that we did not write (it is left as it is, and None
+    returned)."""
     out = Path(out_dir)
     path = out / CARD_NAME
     if not _card_is_ours(path):
