@@ -23,6 +23,7 @@ _EXPORTS = {
     "check_fp16": "latentvae.models.inference",
     "optimize_for_inference": "latentvae.models.inference",
     "export_vae": "latentvae.files.export",
+    "CardInfo": "latentvae.files.card",
     "load_vae": "latentvae.files.loading",
     "PickleRefusedError": "latentvae.files.loading",
     "StateDictMismatchError": "latentvae.files.loading",
@@ -34,6 +35,7 @@ __all__ = [
     "VQ_PRESETS",
     "AutoencoderKL",
     "AutoencoderKLFlux2",
+    "CardInfo",
     "DiagonalGaussianDistribution",
     "Fp16Report",
     "PickleRefusedError",
@@ -49,6 +51,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from latentvae.files.card import CardInfo
     from latentvae.files.export import export_vae
     from latentvae.files.loading import PickleRefusedError, StateDictMismatchError, VAEFileError, load_vae
     from latentvae.models.autoencoder_kl import AutoencoderKL

@@ -1,25 +1,33 @@
-"""Pretrained backbone weights (LPIPS's VGG16 / AlexNet, FID's Inception) from the torch hub cache, offline-aware.
+"""Pretrained backbone weights (LPIPS's VGG16 / AlexNet / SqueezeNet, FID's Inception) in the torch hub cache.
 
 The libraries we use (lpips -> torchvision, pytorch-fid) fetch these files on first use into
-`$TORCH_HOME/hub/checkpoints/` and read them from there afterwards. Offline, that first fetch hangs or fails with a
-network error that does not say which file was wanted. So before building, we look for the file ourselves and, when
-it is absent, stop with a `MissingWeightsError` that names the file, the folder it belongs in and where to get it.
-Downloading is opt-in (`allow_download=True` or `LATENTVAE_ALLOW_DOWNLOAD=1`); then the library's own download runs.
+`$TORCH_HOME/hub/checkpoints/` and read them from there afterwards; so do we, with their download function, by
+default. Their fetch has no timeout, though: on a network that drops packets it hangs, and where it fails the error
+does not say which file was wanted. So we look for the file first; when it is absent we download it ourselves with a
+short connect timeout, unless the user said offline (`HF_HUB_OFFLINE=1`, the switch of the Hugging Face libraries,
+or `offline=True` from a `--offline` flag). Offline, or when the download fails, a `MissingWeightsError` names the
+file, the folder it belongs in and where to get it. A file already in the cache never touches the network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import lpips
 import torch
-from torchvision.models import AlexNet_Weights, VGG16_Weights
+from torchvision.models import AlexNet_Weights, SqueezeNet1_1_Weights, VGG16_Weights
 
-ALLOW_DOWNLOAD_ENV = "LATENTVAE_ALLOW_DOWNLOAD"
+OFFLINE_ENV = "HF_HUB_OFFLINE"
+# Seconds a connection (and then each read) may wait before the download counts as failed: a dropped network fails
+# in seconds instead of hanging. huggingface_hub waits 10 s for its metadata requests too.
+CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,11 @@ LPIPS_BACKBONES: dict[str, HubWeights] = {
     "alex": HubWeights(
         AlexNet_Weights.IMAGENET1K_V1.url, "torchvision's AlexNet ImageNet weights (LPIPS-Alex backbone)"
     ),
+    # about 5 MB, against VGG16's 528 MB: the quickstart's perceptual term on a connected machine in seconds
+    "squeeze": HubWeights(
+        SqueezeNet1_1_Weights.IMAGENET1K_V1.url,
+        "torchvision's SqueezeNet 1.1 ImageNet weights (LPIPS-SqueezeNet backbone)",
+    ),
 }
 # The standard FID Inception-v3 weights as pytorch-fid publishes them.
 FID_INCEPTION = HubWeights(
@@ -57,7 +70,7 @@ FID_INCEPTION = HubWeights(
 
 
 class MissingWeightsError(FileNotFoundError, RuntimeError):
-    """A pretrained weights file is not in the torch hub cache and may not (or could not) be downloaded.
+    """A pretrained weights file is not in the torch hub cache, and we are offline or the download failed.
 
     Attributes:
         filename (`str`): the file name that is missing, e.g. `vgg16-397923af.pth`.
@@ -70,8 +83,9 @@ class MissingWeightsError(FileNotFoundError, RuntimeError):
             f"Missing pretrained weights: {weights.description}, file '{weights.filename}', is not in the torch hub "
             f"cache {directory} ({reason}).\n"
             f"  Fix: download {weights.url} (on any machine with internet) and copy it to "
-            f"{directory / weights.filename} (the folder follows $TORCH_HOME; default ~/.cache/torch), "
-            f"or allow the download here with {ALLOW_DOWNLOAD_ENV}=1.\n"
+            f"{directory / weights.filename} (the folder follows $TORCH_HOME; default ~/.cache/torch). It is "
+            f"downloaded there on first use when the network is reachable and neither {OFFLINE_ENV}=1 nor "
+            "--offline is set.\n"
             f"  Or: {alternative}."
         )
         self.filename = weights.filename
@@ -92,54 +106,76 @@ def torch_hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def downloads_allowed(allow_download: bool | None = None) -> bool:
-    """Whether weights may be fetched from the internet: the argument if given, else `$LATENTVAE_ALLOW_DOWNLOAD`."""
-    if allow_download is not None:
-        return allow_download
-    return os.environ.get(ALLOW_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
+def offline_mode(offline: bool = False) -> bool:
+    """Whether to stay off the network: `offline` (a `--offline` flag) or `$HF_HUB_OFFLINE` set to 1 / true / yes / on,
+    as the Hugging Face libraries read it."""
+    return offline or os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def require_hub_weights(weights: HubWeights, *, alternative: str, allow_download: bool | None = None) -> Path:
-    """Check that `weights` is in the torch hub cache, before a library tries (and offline fails) to fetch it.
+def require_hub_weights(weights: HubWeights, *, alternative: str, offline: bool = False) -> Path:
+    """The path of `weights` in the torch hub cache, downloaded there first if it is missing and we are online.
 
     Args:
-        weights (`HubWeights`): the file to look for, e.g. `LPIPS_BACKBONES["vgg"]` or `FID_INCEPTION`.
+        weights (`HubWeights`): the file, e.g. `LPIPS_BACKBONES["vgg"]` or `FID_INCEPTION`.
         alternative (`str`): what the user can do instead, quoted in the error (e.g. "pass --no_lpips").
-        allow_download (`bool`, *optional*): if True (or `$LATENTVAE_ALLOW_DOWNLOAD=1` when None), a missing file is
-            not an error: the caller's library downloads it.
+        offline (`bool`): never use the network (as `$HF_HUB_OFFLINE=1` does).
 
     Returns:
-        `Path`: where the file is (or, when downloading is allowed, will be) cached.
+        `Path`: the cached file, which the library (torchvision, pytorch-fid) then reads without downloading.
 
     Raises:
-        `MissingWeightsError`: the file is absent and downloading is not allowed.
+        `MissingWeightsError`: the file is absent, and we are offline or the download failed (within
+            `CONNECT_TIMEOUT_S` when the network does not answer).
     """
     directory = torch_hub_checkpoint_dir()
     path = directory / weights.filename
-    if not path.is_file() and not downloads_allowed(allow_download):
-        raise MissingWeightsError(weights, directory, alternative, reason="downloads are off")
+    if path.is_file():
+        return path
+    if offline_mode(offline):
+        raise MissingWeightsError(
+            weights, directory, alternative, reason=f"offline: {OFFLINE_ENV}=1 or --offline"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        with _socket_timeout(CONNECT_TIMEOUT_S):
+            torch.hub.download_url_to_file(weights.url, str(path), progress=True)
+    except OSError as err:  # URLError, refused or timed-out connections, a full disk: all OSErrors
+        raise MissingWeightsError(
+            weights, directory, alternative, reason=f"the download failed: {err}"
+        ) from err
     return path
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """Sockets created inside get this timeout: torch.hub's download opens its URL without one, and takes none."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def build_lpips(
     net: str = "vgg",
     *,
     random_backbone: bool = False,
-    allow_download: bool | None = None,
+    offline: bool = False,
     alternative: str = "train without the perceptual term (--perceptual_weight 0) or evaluate with --no_lpips",
 ) -> lpips.LPIPS:
     """Build LPIPS v0.1 through the `lpips` package's own loading path, frozen, for use as a loss or a metric.
 
     The linear calibration layers ship inside the `lpips` package; the backbone comes from torchvision's ImageNet
-    weights in the torch hub cache (`LPIPS_BACKBONES[net].filename`). torchvision checks the file's hash only when
-    it downloads, so whatever file sits under that name is loaded as is.
+    weights in the torch hub cache (`LPIPS_BACKBONES[net].filename`), downloaded there first when missing (see
+    `require_hub_weights`). Whatever file sits under that name is loaded as is (torchvision checks no hash).
 
     Args:
-        net (`str`): `"vgg"` (the LDM / SD training loss) or `"alex"` (the usual evaluation metric).
+        net (`str`): `"vgg"` (the LDM / SD training loss), `"alex"` (the usual evaluation metric) or `"squeeze"`
+            (SqueezeNet 1.1: a 5 MB backbone, the CPU quickstart's loss).
         random_backbone (`bool`): randomly initialised backbone (`pnet_rand=True`), no file needed. For tests of
             the code path only: the distances are meaningless.
-        allow_download (`bool`, *optional*): let torchvision download a missing backbone (default: only when
-            `$LATENTVAE_ALLOW_DOWNLOAD=1`).
+        offline (`bool`): never download a missing backbone (as `$HF_HUB_OFFLINE=1` does).
         alternative (`str`): what the user can do instead, quoted in the error.
 
     Returns:
@@ -147,22 +183,15 @@ def build_lpips(
         inputs. Call it as `lpips_module(x, y)` with images in [-1, 1]; it returns distances of shape `(B, 1, 1, 1)`.
 
     Raises:
-        `MissingWeightsError`: the backbone file is missing and cannot be downloaded.
+        `MissingWeightsError`: the backbone file is missing, and we are offline or the download failed.
     """
     if net not in LPIPS_BACKBONES:
         raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_BACKBONES)}, got {net!r}")
     if random_backbone:
         module = _construct_lpips(net, pnet_rand=True)
     else:
-        weights = LPIPS_BACKBONES[net]
-        path = require_hub_weights(weights, alternative=alternative, allow_download=allow_download)
-        try:
-            module = _construct_lpips(net, pnet_rand=False)
-        except OSError as err:  # URLError is an OSError: the download we allowed did not succeed
-            if path.is_file():
-                raise
-            reason = f"the download failed: {err}"
-            raise MissingWeightsError(weights, path.parent, alternative, reason=reason) from err
+        require_hub_weights(LPIPS_BACKBONES[net], alternative=alternative, offline=offline)
+        module = _construct_lpips(net, pnet_rand=False)  # torchvision finds the file: no network
     module.eval()
     module.requires_grad_(False)
     return module

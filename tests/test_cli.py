@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -112,6 +113,8 @@ def test_convert_to_ldm_and_back(capsys, model, exported, tmp_path):
     assert code == 0
     reloaded = diffusers.AutoencoderKL.from_pretrained(tmp_path / "folder")
     assert reloaded.config.scaling_factor == 0.5  # came through the ldm file's metadata
+    card = ModelCard.load(tmp_path / "folder" / "README.md")  # the folder says what it holds
+    assert card.data.library_name == "diffusers" and "| scaling_factor | 0.5 |" in card.text
     state = reloaded.state_dict()
     assert all(torch.equal(state[k], expected[k]) for k in expected)
 

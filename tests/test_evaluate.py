@@ -40,7 +40,6 @@ FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
 def empty_torch_hub(tmp_path, monkeypatch):
     """No pretrained weights and no downloads, as on a machine that is offline."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.delenv("LATENTVAE_ALLOW_DOWNLOAD", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return tmp_path / "torch" / "hub" / "checkpoints"
 

@@ -168,6 +168,7 @@ def test_export_is_loaded_unchanged_by_stock_diffusers(tmp_path):
     out = tmp_path / "my-vae"
     assert ldm_path == out / "my-vae.safetensors"
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",  # the model card (tests/test_card.py)
         "config.json",
         "diffusion_pytorch_model.safetensors",
         ldm_path.name,
@@ -228,6 +229,7 @@ def test_reexport_keeps_one_ldm_file_and_leaves_foreign_files(tmp_path):
     export_vae(model, tmp_path, ldm_filename="second.safetensors")
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
+        "README.md",
         "config.json",
         "diffusion_pytorch_model.safetensors",
         "second.safetensors",
@@ -249,6 +251,7 @@ def test_a_crash_while_writing_leaves_the_old_file_whole(tmp_path, monkeypatch):
         export_vae(perturbed(CONFIGS["2-levels"], seed=1), tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
         "config.json",
         "diffusion_pytorch_model.safetensors",
         f"{tmp_path.name}.safetensors",

@@ -16,9 +16,9 @@ from torch.distributions import Normal, kl_divergence
 from latentvae.models.discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
 from latentvae.models.distributions import DiagonalGaussianDistribution
 from latentvae.pretrained import (
-    ALLOW_DOWNLOAD_ENV,
     FID_INCEPTION,
     LPIPS_BACKBONES,
+    OFFLINE_ENV,
     MissingWeightsError,
     build_lpips,
     require_hub_weights,
@@ -30,9 +30,9 @@ from latentvae.training.losses import AutoencoderLoss, adaptive_gan_weight
 
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch):
-    """An empty $TORCH_HOME, downloads off, and a download function that fails the test if anything calls it."""
+    """An empty $TORCH_HOME, offline (HF_HUB_OFFLINE=1), and a download function that records its calls and fails."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.delenv(ALLOW_DOWNLOAD_ENV, raising=False)
+    monkeypatch.setenv(OFFLINE_ENV, "1")
     monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
     calls = []
 
@@ -79,6 +79,7 @@ def images(batch=2, size=32, seed=0):
 def test_backbone_file_names_are_torchvisions():
     assert LPIPS_BACKBONES["vgg"].filename == "vgg16-397923af.pth"
     assert LPIPS_BACKBONES["alex"].filename == "alexnet-owt-7be5be79.pth"
+    assert LPIPS_BACKBONES["squeeze"].filename == "squeezenet1_1-b8a52dc0.pth"
     assert FID_INCEPTION.filename == "pt_inception-2015-12-05-6726825d.pth"
 
 
@@ -87,7 +88,7 @@ def test_hub_dir_follows_torch_home(torch_home):
     assert torch_hub_checkpoint_dir() == tmp / "hub" / "checkpoints"
 
 
-@pytest.mark.parametrize("net", ["vgg", "alex"])
+@pytest.mark.parametrize("net", ["vgg", "alex", "squeeze"])
 def test_missing_backbone_names_file_dir_and_alternative(torch_home, net):
     tmp, download_calls = torch_home
     with pytest.raises(MissingWeightsError) as info:
@@ -108,9 +109,9 @@ def test_fid_weights_error_names_file(torch_home):
         require_hub_weights(FID_INCEPTION, alternative="pass --no_fid")
 
 
-def test_allowed_download_that_fails_is_a_missing_weights_error(torch_home, monkeypatch):
+def test_online_download_that_fails_is_a_missing_weights_error(torch_home, monkeypatch):
     _, download_calls = torch_home
-    monkeypatch.setenv(ALLOW_DOWNLOAD_ENV, "1")
+    monkeypatch.delenv(OFFLINE_ENV)
     with pytest.raises(MissingWeightsError, match="download failed") as info:
         build_lpips("alex")
     assert download_calls == [LPIPS_BACKBONES["alex"].url]
@@ -143,7 +144,7 @@ def test_random_vgg_backbone_works_at_32px_without_files(torch_home):
 
 def test_unknown_lpips_net():
     with pytest.raises(ValueError, match="squeeze"):
-        build_lpips("squeeze", random_backbone=True)
+        build_lpips("resnet", random_backbone=True)
 
 
 def test_lpips_gradient_reaches_input_not_weights(random_lpips):

@@ -270,7 +270,7 @@ def empty_torch_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "torch_home"
     home.mkdir()
     monkeypatch.setenv("TORCH_HOME", str(home))
-    monkeypatch.delenv("LATENTVAE_ALLOW_DOWNLOAD", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)  # torch.hub then follows $TORCH_HOME
     return home
 
@@ -283,7 +283,7 @@ def test_missing_lpips_weights_stop_an_explicit_perceptual_run(image_dirs, tmp_p
         command + ["--perceptual_weight", "1"], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "vgg16-397923af.pth" in result.stderr and str(empty_torch_home) in result.stderr
+    assert "squeezenet1_1-b8a52dc0.pth" in result.stderr and str(empty_torch_home) in result.stderr
     assert not list(out.glob("checkpoint-*")) and not (out / "final").exists()
 
 
@@ -292,7 +292,7 @@ def test_missing_lpips_weights_quickstart_warns_and_trains_without_them(
 ):
     with caplog.at_level("WARNING"):
         train(image_dirs, tmp_path, "--max_train_steps", "1", random_lpips=False)
-    assert "WITHOUT THE PERCEPTUAL" in caplog.text and "vgg16-397923af.pth" in caplog.text
+    assert "WITHOUT THE PERCEPTUAL" in caplog.text and "squeezenet1_1-b8a52dc0.pth" in caplog.text
     state = json.loads((tmp_path / "checkpoint-1" / "training_state.json").read_text())
     assert state["config"]["perceptual_weight"] == 0.0
     assert (tmp_path / "final" / "config.json").is_file()

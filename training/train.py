@@ -8,10 +8,11 @@
 
 Reads top to bottom: setup, data, model and EMA, losses and optimizers, `accelerator.prepare`, resume, loop
 (one `TrainStep` per batch: autoencoder step, discriminator step; then EMA, logging, validation, checkpoints), then
-the latent scaling factor and the export to `output_dir/final/`. The module DDP wraps (reconstruction plus the
-latent regulariser's loss: KL or VQ) is `latentvae.training.autoencoding`; the step itself is
-`latentvae.training.step`; the randomness that makes a resumed run exact is `latentvae.data.seeding`; the data
-(folder, dataset or streamed shards) is `latentvae.data.loaders`.
+the latent scaling factor and the export to `output_dir/final/` with its model card (`--push_to_hub` uploads it:
+`latentvae.training.publish`). The module DDP wraps (reconstruction plus the latent regulariser's loss: KL or VQ)
+is `latentvae.training.autoencoding`; the step itself is `latentvae.training.step`; the randomness that makes a
+resumed run exact is `latentvae.data.seeding`; the data (folder, dataset or streamed shards) is
+`latentvae.data.loaders`.
 
 What may go wrong, and what happens then: a broken image is skipped with a warning and counted (more than
 --max_bad_fraction is an error with the list); SIGTERM / SIGINT finishes the step, writes a checkpoint and exits 0
@@ -52,6 +53,7 @@ from latentvae.data.seeding import derived_generator
 from latentvae.data.skips import SkipLog
 from latentvae.evaluation.latent_stats import measure_latent_stats
 from latentvae.files.export import export_vae
+from latentvae.files.hub import check_can_push
 from latentvae.files.loading import load_vae
 from latentvae.models.discriminator import NLayerDiscriminator
 from latentvae.pretrained import MissingWeightsError, build_lpips
@@ -59,6 +61,7 @@ from latentvae.training.autoencoding import build_autoencoding
 from latentvae.training.checkpointing import latest_checkpoint, resume, resume_command, save_checkpoint
 from latentvae.training.config import TrainConfig, parse_config
 from latentvae.training.losses import AutoencoderLoss
+from latentvae.training.publish import copy_last_grid, push_training, training_card
 from latentvae.training.signals import PreemptionHandler, ignore_stop_signals
 from latentvae.training.step import NonFiniteGuard, NonFiniteTrainingError, TrainStep
 from latentvae.training.validation import grid_images, reconstruction_grid, save_grid, validate
@@ -94,13 +97,15 @@ def build_vae(cfg: TrainConfig) -> AutoencoderKL | VQModel:
 
 
 def build_perceptual(cfg: TrainConfig, explicit: set[str]) -> nn.Module | None:
-    """LPIPS for the loss; offline without backbone weights: an error, or (quickstart) a loud warning and none."""
+    """LPIPS for the loss, its backbone downloaded on first use; offline (or unreachable) without the backbone
+    weights: an error, or (quickstart) a loud warning and none."""
     if cfg.perceptual_weight <= 0:
         return None
     try:
         return build_lpips(
             cfg.perceptual_net,
             random_backbone=cfg.perceptual_random_backbone,
+            offline=cfg.offline,
             alternative="train without the perceptual term: --perceptual_weight 0",
         )
     except MissingWeightsError as err:
@@ -131,13 +136,15 @@ def refuse_sharding(kind: str) -> None:
     )
 
 
+def images_per_step(cfg: TrainConfig, accelerator: Accelerator) -> int:
+    return cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+
+
 def lr_for(cfg: TrainConfig, accelerator: Accelerator) -> float:
     if not cfg.scale_lr:
         return cfg.learning_rate
     # latent-diffusion: base lr per image, times the number of images per optimizer step
-    return (
-        cfg.learning_rate * cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-    )
+    return cfg.learning_rate * images_per_step(cfg, accelerator)
 
 
 def checkpoint(accelerator, cfg, vae, data, step: int) -> Path:
@@ -215,9 +222,7 @@ class StepLog:
 
     def __init__(self, accelerator, cfg, scheduler, progress, step: int):
         self.accelerator, self.cfg, self.scheduler, self.progress = accelerator, cfg, scheduler, progress
-        self.images_per_step = (
-            cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-        )
+        self.images_per_step = images_per_step(cfg, accelerator)
         self.tick, self.tick_step = time.time(), step
 
     def __call__(self, step: int, logs: dict) -> None:
@@ -231,8 +236,8 @@ class StepLog:
 
 
 def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, started: float) -> Path:
-    """Measure the latent scaling factor (EMA weights when EMA is on), export to `output_dir/final/` and print the
-    summary (main process)."""
+    """Measure the latent scaling factor (EMA weights when EMA is on), export to `output_dir/final/` with its model
+    card, print the summary and, with --push_to_hub, upload the export (main process)."""
     skipped = SkipLog()  # the skips every process saw, for the summary
     for reasons in gather_object([data.skip_log.reasons]):
         skipped.merge(reasons.items())
@@ -263,9 +268,20 @@ def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, start
                 f"{name} has no scaling_factor; its bn.running_mean / running_var are kept unchanged)"
             )
         weights = "EMA" if ema is not None else "trained"
+        card = training_card(
+            cfg,
+            steps=step,
+            images_per_step=images_per_step(cfg, accelerator),
+            learning_rate=lr_for(cfg, accelerator),
+            data=data.description,
+            validation=val_metrics,
+            stats=stats,
+            grid=copy_last_grid(Path(cfg.output_dir), final_dir),
+        )
         export_vae(
             vae,
             final_dir,
+            card=card,
             metadata={
                 "weights": weights.lower(),
                 "global_step": str(step),
@@ -286,6 +302,9 @@ def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, start
             f"use it: diffusers.{name}.from_pretrained('{final_dir}'), e.g. as a pipeline's `{vae.pipeline_component}`",
         ]
         print("\n".join(summary), flush=True)
+        if cfg.push_to_hub:
+            for url in push_training(cfg, final_dir, step):
+                print(f"pushed to the Hub: {url}", flush=True)
     accelerator.end_training()
     return final_dir
 
@@ -325,6 +344,8 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     SIGINT stopped the run early."""
     # -- setup --------------------------------------------------------------------------------------------------
     output_dir = Path(cfg.output_dir)
+    if cfg.push_to_hub:
+        check_can_push(cfg.offline)  # now, not after the training
     accelerator = build_accelerator(cfg)
     # Identical initial weights on every process. Crops and posterior noise do not use this global RNG: they
     # are seeded by position (latentvae.data.seeding), which is what makes a resumed run exact.
@@ -335,7 +356,8 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     data = build_training_data(cfg.data_settings(), accelerator, worker_init_fn=ignore_stop_signals)
     logger.info(data.description, main_process_only=True)
     val_set = data.validation_set()
-    perceptual = build_perceptual(cfg, explicit)
+    with accelerator.main_process_first():  # one process downloads the backbone; the others find it cached
+        perceptual = build_perceptual(cfg, explicit)
 
     # -- model, EMA, losses, optimizers -------------------------------------------------------------------------
     vae = build_vae(cfg)
@@ -383,8 +405,7 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     # -- loop -----------------------------------------------------------------------------------------------------
     logger.info(
         f"{sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M parameters, {max_steps} steps of "
-        f"{cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps} images, "
-        f"lr {lr_for(cfg, accelerator):.3g}",
+        f"{images_per_step(cfg, accelerator)} images, lr {lr_for(cfg, accelerator):.3g}",
         main_process_only=True,
     )
     progress = tqdm(

@@ -6,6 +6,7 @@
     latentvae evaluate --model [NAME=]PATH ... --data_dir DIR --output_dir OUT
     latentvae make-shards IMAGE_DIR OUT_DIR [--shard_size N]
     latentvae benchmark [--quick] [--modes ...]
+    latentvae push PATH REPO_ID [--token T] [--private]
 
 To add a subcommand, write `latentvae/cli/<name>.py` with `configure(parser)` (adds its arguments) and `run(args)`
 (runs it, returns the exit code), and list it in `SUBCOMMANDS`. Only the chosen subcommand's module is imported,
@@ -46,6 +47,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "speed and memory: encode/decode against diffusers, the fast path, tiling (eval/benchmark.py)",
         "benchmark",
     ),
+    "push": Subcommand("upload an export folder to a Hugging Face Hub model repository", "push"),
 }
 
 

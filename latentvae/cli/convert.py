@@ -18,7 +18,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: the parser is built without loading torch and diffusers.
-    from latentvae.files.export import LDM_LAYOUT_CLASSES, save_diffusers, save_ldm
+    from latentvae.files.card import CardInfo
+    from latentvae.files.export import LDM_LAYOUT_CLASSES, save_diffusers, save_ldm, write_model_card
     from latentvae.files.loading import build_vae, read_vae
     from latentvae.models.inference import DTYPES
 
@@ -35,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"{type(model).__name__} has no ldm single-file layout here; convert it --to diffusers"
         )
-    written = save_ldm(model, output) if args.to == "ldm" else save_diffusers(model, output)
+    if args.to == "ldm":
+        written = save_ldm(model, output)
+    else:
+        written = save_diffusers(model, output)
+        write_model_card(model, output, None, CardInfo())  # a diffusers folder says what it holds
     print(f"wrote {written} ({args.to} layout, {model.dtype}) from {vae_file.file_format} {vae_file.path}")
     return 0

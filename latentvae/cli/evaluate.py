@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from latentvae.cli.common import DTYPE_NAMES, UsageError
+from latentvae.cli.common import DTYPE_NAMES, UsageError, ensure_model_card
+
+if TYPE_CHECKING:
+    from latentvae.evaluation.results import ModelSpec
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +43,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch_size", type=int, default=8, help="images per batch (default: 8)")
     parser.add_argument("--max_images", type=int, help="only the first N image files, in name order")
-    parser.add_argument("--lpips_net", choices=("alex", "vgg"), default="alex", help="LPIPS backbone")
+    parser.add_argument(
+        "--lpips_net",
+        choices=("alex", "vgg", "squeeze"),
+        default="alex",
+        help="LPIPS backbone (default: alex)",
+    )
     parser.add_argument("--no_lpips", action="store_true", help="leave LPIPS out")
     fid = parser.add_mutually_exclusive_group()
     fid.add_argument("--fid", dest="fid", action="store_true", default=True, help="rFID (the default)")
@@ -56,6 +65,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow_pickle", action="store_true", help="read .ckpt/.pt/.bin model files; only files you trust"
     )
+    parser.add_argument(
+        "--update_card",
+        action="store_true",
+        help="put the comparison table into each --model folder's model card (README.md), replacing an earlier one",
+    )
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="never download LPIPS / FID weights (as HF_HUB_OFFLINE=1); a missing one leaves its column empty",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from latentvae.evaluation.evaluate import evaluate, open_data
-    from latentvae.evaluation.report import comparison_table, write_outputs
+    from latentvae.evaluation.report import card_evaluation, comparison_table, write_outputs
     from latentvae.evaluation.results import EvalSettings, EvaluationError, parse_model_arg
     from latentvae.models.inference import DTYPES
 
@@ -90,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=DTYPES[args.dtype],
         grid_images=args.grid_images,
         allow_pickle=args.allow_pickle,
+        offline=args.offline,
     )
     try:
         data = open_data(args.data_dir, args.dataset_name, args.image_column, args.split, args.max_images)
@@ -97,6 +117,22 @@ def run(args: argparse.Namespace) -> int:
     except EvaluationError as err:
         raise UsageError(str(err)) from err
     written = write_outputs(evaluation, args.output_dir)
-    print(comparison_table([model.summary() for model in evaluation.models]))
+    summaries = [model.summary() for model in evaluation.models]
+    print(comparison_table(summaries))
     print(f"wrote {', '.join(path.name for path in written.values())} to {args.output_dir}")
+    if args.update_card:
+        update_cards(specs, card_evaluation(evaluation, summaries, args.command_line))
     return 0
+
+
+def update_cards(specs: list[ModelSpec], markdown: str) -> None:
+    """Attach `markdown` to the model card of every model given as a folder (a folder without a card gets one)."""
+    from latentvae.files.card import CardInfo
+    from latentvae.files.export import update_card_evaluation
+
+    for spec in specs:
+        if not spec.path.is_dir():
+            print(f"--update_card: {spec.path} is not a folder, so it has no model card; left out")
+            continue
+        card = update_card_evaluation(ensure_model_card(spec.path, CardInfo()), markdown)
+        print(f"--update_card: the evaluation is in {card}")

@@ -182,14 +182,17 @@ def reconstruct_image(model: nn.Module, image: np.ndarray) -> np.ndarray:
 
 
 def build_metric_networks(settings: EvalSettings) -> MetricNetworks:
-    """LPIPS and FID Inception from the torch hub cache; a missing weights file leaves that metric out, with the
-    error (which names the file and the folder it belongs in) as the reason."""
+    """LPIPS and FID Inception from the torch hub cache (downloaded there when missing, unless offline); a file that
+    is missing offline or fails to download leaves that metric out, with the error (which names the file and the
+    folder it belongs in) as the reason."""
     networks = MetricNetworks()
     if settings.lpips_net is None:
         networks.skipped["lpips"] = "turned off with --no_lpips"
     else:
         try:
-            lpips_net = build_lpips(settings.lpips_net, alternative="evaluate with --no_lpips")
+            lpips_net = build_lpips(
+                settings.lpips_net, offline=settings.offline, alternative="evaluate with --no_lpips"
+            )
             networks.lpips = lpips_net.to(settings.device)
         except MissingWeightsError as err:
             networks.skipped["lpips"] = str(err)
@@ -197,7 +200,7 @@ def build_metric_networks(settings: EvalSettings) -> MetricNetworks:
         networks.skipped["rfid"] = "turned off with --no_fid"
     else:
         try:
-            networks.inception = build_fid_inception().to(settings.device)
+            networks.inception = build_fid_inception(offline=settings.offline).to(settings.device)
         except MissingWeightsError as err:
             networks.skipped["rfid"] = str(err)
     for metric, reason in networks.skipped.items():

@@ -42,29 +42,27 @@ def ssim(reference: Tensor, reconstruction: Tensor) -> Tensor:
     ).float()
 
 
-def build_fid_inception(
-    *, allow_download: bool | None = None, alternative: str = "evaluate with --no_fid"
-) -> nn.Module:
+def build_fid_inception(*, offline: bool = False, alternative: str = "evaluate with --no_fid") -> nn.Module:
     """pytorch-fid's InceptionV3 with the standard FID weights, returning the 2048-d pool3 features.
 
     The weights file (`FID_INCEPTION.filename`) is read by pytorch-fid itself from the torch hub cache
-    (`$TORCH_HOME/hub/checkpoints/`); we only check first that it is there, so that offline the error names it.
+    (`$TORCH_HOME/hub/checkpoints/`); we put it there first when it is missing (`require_hub_weights`: a short
+    timeout, and offline an error that names the file).
 
     Args:
-        allow_download (`bool`, *optional*): let pytorch-fid download a missing file (default: only when
-            `$LATENTVAE_ALLOW_DOWNLOAD=1`).
+        offline (`bool`): never download a missing file (as `$HF_HUB_OFFLINE=1` does).
         alternative (`str`): what the user can do instead, quoted in the error.
 
     Returns:
         `nn.Module`: in eval mode, frozen; feed it to `inception_features`.
 
     Raises:
-        `MissingWeightsError`: the weights file is missing and may not be downloaded.
+        `MissingWeightsError`: the weights file is missing, and we are offline or the download failed.
     """
     # Imported here: pytorch-fid pulls in scipy, which training never needs.
     from pytorch_fid.inception import InceptionV3
 
-    require_hub_weights(FID_INCEPTION, alternative=alternative, allow_download=allow_download)
+    require_hub_weights(FID_INCEPTION, alternative=alternative, offline=offline)
     network = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
     return network.eval().requires_grad_(False)
 

@@ -128,6 +128,17 @@ def comparison_table(summaries: list[dict[str, Any]]) -> str:
     return _table(header, rows)
 
 
+def card_evaluation(evaluation: Evaluation, summaries: list[dict[str, Any]], command_line: str) -> str:
+    """The evaluation as a model card shows it: the comparison table, the protocol in brief, the command."""
+    protocol = "\n".join(f"- {key}: {value}" for key, value in evaluation.protocol.items())
+    return (
+        f"{summaries[0]['n_images']} images: {evaluation.protocol['data']}. Mean ± standard deviation over "
+        f"images; rFID on this many images compares only with rFID on the same images.\n\n"
+        f"{comparison_table(summaries)}\n\n<details>\n<summary>Protocol and command</summary>\n\n{protocol}\n\n"
+        f"```bash\n{command_line}\n```\n\n</details>"
+    )
+
+
 def _codebook_cell(summary: dict[str, Any]) -> str:
     if summary["codebook_size"] is None:
         return "–"

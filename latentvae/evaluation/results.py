@@ -40,6 +40,7 @@ class EvalSettings:
     dtype: torch.dtype = torch.float32
     grid_images: int = 4  # worst and best images drawn per model, and rows of the side-by-side grid
     allow_pickle: bool = False
+    offline: bool = False  # never download LPIPS / FID weights (as $HF_HUB_OFFLINE=1 does)
 
 
 @dataclass(frozen=True)

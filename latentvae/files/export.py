@@ -16,6 +16,7 @@ Layout written by `export_vae(model, "runs/faces-vae")`::
     runs/faces-vae/diffusion_pytorch_model.safetensors  diffusers key layout
     runs/faces-vae/faces-vae.safetensors                ldm key layout (AUTOMATIC1111 / ComfyUI / from_single_file),
                                                         the same config as JSON in its metadata under "config"
+    runs/faces-vae/README.md                            the model card (Hugging Face format: latentvae.files.card)
 
 Every file is written to a temporary file in the destination folder and moved into place with `os.replace`, so
 a crash leaves either the old file or the new one, never half of one.
@@ -31,9 +32,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from latentvae.files.card import CARD_NAME, CARD_TAG, CardInfo, model_card, replace_evaluation
 from latentvae.files.convert import diffusers_to_ldm
 
 CONFIG_NAME = "config.json"
@@ -159,12 +162,50 @@ def _written_by_us(path: Path) -> bool:
         return False
 
 
+def _card_is_ours(path: Path) -> bool:
+    """Whether `path` is absent or a card we wrote (tagged `CARD_TAG`): the cards a re-export may replace."""
+    if not path.exists():
+        return True
+    try:
+        return CARD_TAG in (ModelCard.load(path).data.tags or [])
+    except (OSError, ValueError):  # not a readable card: a user's own README, leave it alone
+        return False
+
+
+def write_model_card(
+    model: torch.nn.Module, out_dir: str | os.PathLike, ldm_filename: str | None, info: CardInfo | None = None
+) -> Path | None:
+    """Write `out_dir/README.md`, the model card (`latentvae.files.card.model_card`; `ldm_filename`: the single file
+    beside it, if any), unless the folder holds a README.md that we did not write (it is left as it is, and None
+    returned)."""
+    out = Path(out_dir)
+    path = out / CARD_NAME
+    if not _card_is_ours(path):
+        return None
+    text = str(model_card(model, model_config(model), out.resolve().name, ldm_filename, info))
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path
+
+
+def update_card_evaluation(card_path: str | os.PathLike, markdown: str) -> Path:
+    """Put `markdown` into the evaluation block of an existing model card (replacing an earlier evaluation).
+
+    Raises:
+        `FileNotFoundError`: no card at `card_path`.
+    """
+    path = Path(card_path)
+    text = replace_evaluation(path.read_text(encoding="utf-8"), markdown)
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path
+
+
 def export_vae(
     model: torch.nn.Module,
     out_dir: str | os.PathLike,
     *,
     ldm_filename: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    card: CardInfo | None = None,
 ) -> Path:
     """Export an `AutoencoderKL`, `AutoencoderKLFlux2` or `VQModel` for diffusers and, all but the FLUX.2 VAE, for
     the original (ldm) tools.
@@ -177,6 +218,8 @@ def export_vae(
     `diffusers.AutoencoderKL.from_single_file(file, config=out_dir)`, in AUTOMATIC1111 and in ComfyUI.
     Exporting again into the same folder replaces the earlier ldm file(s) we wrote there, whatever their name.
     An `AutoencoderKLFlux2` gets the diffusers folder only, `metadata` in its weights file.
+    The model card `out_dir/README.md` says what the model is and how to use it, and with `card` how it was trained
+    (a README.md that we did not write is left alone).
 
     Args:
         model: the model to export, in the dtype it should be stored in.
@@ -184,6 +227,7 @@ def export_vae(
         ldm_filename: name of the ldm file inside `out_dir` (must end in `.safetensors`).
         metadata: extra string metadata stored in the ldm file (e.g. training step, dataset name); for an
             `AutoencoderKLFlux2`, in the diffusers weights file.
+        card: what the model card says beyond the model itself (license, base model, training, evaluation).
 
     Returns:
         The path of the ldm single file (its parent is `out_dir`); for an `AutoencoderKLFlux2`, of the diffusers
@@ -206,4 +250,5 @@ def export_vae(
     for stale in out.glob("*.safetensors"):
         if stale not in (written, out / WEIGHTS_NAME) and _written_by_us(stale):
             stale.unlink()
+    write_model_card(model, out, name if single_file else None, card)
     return written

@@ -117,10 +117,19 @@ class TrainConfig:
     )
     perceptual_weight: float = _f(1.0, "Weight of the LPIPS term (0 = off).")
     perceptual_net: str = _f(
-        "vgg", "LPIPS backbone for training: vgg (as SD) or alex.", choices=("vgg", "alex")
+        "vgg",
+        "LPIPS backbone for training: vgg (as SD), alex or squeeze (SqueezeNet 1.1, a 5 MB download).",
+        choices=("vgg", "alex", "squeeze"),
     )
     perceptual_fallback: bool = _f(
-        False, "If LPIPS backbone weights are missing offline, warn and train without the perceptual term."
+        False,
+        "If the LPIPS backbone weights are missing and cannot be downloaded, warn and train without the "
+        "perceptual term.",
+    )
+    offline: bool = _f(
+        False,
+        "Never download pretrained weights (as HF_HUB_OFFLINE=1): a file missing from the torch hub cache is an "
+        "error that names it.",
     )
     perceptual_random_backbone: bool = _f(
         False,
@@ -166,9 +175,29 @@ class TrainConfig:
     scaling_factor_images: int = _f(
         512, "Training images used to measure the latent scaling factor at the end."
     )
+    # -- model card and the Hub --
+    license: str | None = _f(None, "License written into the model card (a Hub license id, e.g. apache-2.0).")
+    base_model: str | None = _f(
+        None,
+        "Hub id of the model fine-tuned, for the model card (default: recognised from "
+        "--pretrained_model_name_or_path where it is a Hub cache snapshot or one of Stability's VAE files).",
+    )
+    push_to_hub: bool = _f(False, "At the end, upload output_dir/final/ to the Hub (main process).")
+    hub_model_id: str | None = _f(
+        None, "Hub repository to push to, user/name (default: the output folder's name, under your account)."
+    )
+    hub_token: str | None = _f(
+        None, "Hub token (default: HF_TOKEN or the one `hf auth login` saved); never saved in checkpoints."
+    )
+    hub_private_repo: bool = _f(False, "Create the Hub repository private.")
+    push_checkpoints: bool = _f(
+        False, "With --push_to_hub, also upload the checkpoints (into checkpoints/ of the repository)."
+    )
+    recipe: str = _f("sd-kl-f8", "The named recipe the values started from (set by --recipe).", flag=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # The token stays out of checkpoints, the tracker and model cards.
+        return {**dataclasses.asdict(self), "hub_token": None}
 
     def data_settings(self) -> DataSettings:
         """The fields the data layer reads, as its own settings object."""
@@ -215,6 +244,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         lr_scheduler="cosine",
         lr_warmup_steps=20,
         perceptual_weight=0.1,
+        perceptual_net="squeeze",  # 5 MB of weights to download, not VGG16's 528 MB
         perceptual_fallback=True,
         dataloader_num_workers=0,
         validation_steps=400,
@@ -288,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default=None, help="JSON file of field values (flags given here win).")
     for f in fields(TrainConfig):
+        if not f.metadata.get("flag", True):
+            continue
         names = [f"--{f.name}", f"--{f.name.replace('_', '-')}"] + list(f.metadata.get("aliases", ()))
         names = list(dict.fromkeys(names))
         help = f"{f.metadata['help']} (default: {f.default})"
@@ -327,7 +359,7 @@ def _or_none(convert):
 def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     """Defaults < recipe (`--recipe`) < `--config` JSON < flags. Returns the config and the explicitly set names."""
     args = build_parser().parse_args(argv)
-    values = dict(RECIPES[args.recipe])
+    values = {"recipe": args.recipe, **RECIPES[args.recipe]}
     from_file = {}
     if args.config:
         with open(args.config) as handle:
