@@ -247,6 +247,18 @@ def test_resume_gives_the_same_weights_as_a_straight_run(case, image_dirs, tmp_p
 # -- precision, offline LPIPS, checkpoints, command line ------------------------------------------------------------
 
 
+def test_from_scratch_scales_its_learning_rate_with_width_and_batch(image_dirs, tmp_path):
+    from latentvae.training.config import parse_config
+
+    flags = ["--recipe", "from-scratch", "--model_preset", "tiny-kl-f8", "--lr_scheduler", "constant"]
+    train(image_dirs, tmp_path / "run", *flags, "--max_train_steps", "1", "--checkpointing_steps", "1")
+    optimizer = torch.load(tmp_path / "run" / "checkpoint-1" / "optimizer.bin", weights_only=True)
+    # 3e-4 is the recipe's rate at width 128 and 4 images per step; tiny-kl-f8 is 64 wide, the test batch is 2.
+    assert optimizer["param_groups"][0]["lr"] == pytest.approx(3e-4 * (128 / 64) * (2 / 4) ** 0.5)
+    with pytest.raises(SystemExit, match="choose one"):
+        parse_config(["--recipe", "from-scratch", "--scale_lr"])
+
+
 def test_bf16_autocast_keeps_weights_ema_and_optimizer_state_fp32(image_dirs, tmp_path):
     flags = ["--max_train_steps", "2", "--ema_decay", "0.9", "--disc_start", "0"]
     train(image_dirs, tmp_path / "bf16", *flags, "--mixed_precision", "bf16")

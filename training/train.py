@@ -59,7 +59,7 @@ from latentvae.models.discriminator import NLayerDiscriminator
 from latentvae.pretrained import MissingWeightsError, build_lpips
 from latentvae.training.autoencoding import build_autoencoding
 from latentvae.training.checkpointing import latest_checkpoint, resume, resume_command, save_checkpoint
-from latentvae.training.config import TrainConfig, parse_config
+from latentvae.training.config import TrainConfig, parse_config, width_scaled_lr
 from latentvae.training.losses import AutoencoderLoss
 from latentvae.training.publish import copy_last_grid, push_training, training_card
 from latentvae.training.signals import PreemptionHandler, ignore_stop_signals
@@ -140,11 +140,14 @@ def images_per_step(cfg: TrainConfig, accelerator: Accelerator) -> int:
     return cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
 
 
-def lr_for(cfg: TrainConfig, accelerator: Accelerator) -> float:
-    if not cfg.scale_lr:
-        return cfg.learning_rate
-    # latent-diffusion: base lr per image, times the number of images per optimizer step
-    return cfg.learning_rate * images_per_step(cfg, accelerator)
+def lr_for(cfg: TrainConfig, accelerator: Accelerator, vae: nn.Module) -> float:
+    if cfg.scale_lr:  # latent-diffusion: base lr per image, times the number of images per optimizer step
+        return cfg.learning_rate * images_per_step(cfg, accelerator)
+    if cfg.scale_lr_with_width:
+        return width_scaled_lr(
+            cfg.learning_rate, max(vae.config.block_out_channels), images_per_step(cfg, accelerator)
+        )
+    return cfg.learning_rate
 
 
 def checkpoint(accelerator, cfg, vae, data, step: int) -> Path:
@@ -188,11 +191,10 @@ def run_validation(accelerator, cfg, vae, ema, val_set, grid_set, perceptual, st
     return metrics
 
 
-def build_optimizers(accelerator, cfg, model, loss_fn, max_steps):
+def build_optimizers(accelerator, cfg, model, loss_fn, max_steps, lr):
     """AdamW for the autoencoder (and the loss's learned logvar), and for the discriminator when the GAN is on,
     each with its learning-rate schedule; all prepared. Returns `(model, opt_ae, sched_ae, critic, opt_d, sched_d)`
     with the last three None without a GAN."""
-    lr = lr_for(cfg, accelerator)
     adam = dict(
         betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
     )
@@ -272,7 +274,7 @@ def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, start
             cfg,
             steps=step,
             images_per_step=images_per_step(cfg, accelerator),
-            learning_rate=lr_for(cfg, accelerator),
+            learning_rate=lr_for(cfg, accelerator, vae),
             data=data.description,
             validation=val_metrics,
             stats=stats,
@@ -381,7 +383,7 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     )
     training_state = model.training_state()  # e.g. a VQ codebook's EMA statistics, outside the state_dict
     model, opt_ae, sched_ae, critic, opt_d, sched_d = build_optimizers(
-        accelerator, cfg, model, loss_fn, max_steps
+        accelerator, cfg, model, loss_fn, max_steps, lr_for(cfg, accelerator, vae)
     )
     train_step = TrainStep(
         accelerator, model, loss_fn, opt_ae, sched_ae, cfg.max_grad_norm, critic, opt_d, sched_d
@@ -405,7 +407,7 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
     # -- loop -----------------------------------------------------------------------------------------------------
     logger.info(
         f"{sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M parameters, {max_steps} steps of "
-        f"{images_per_step(cfg, accelerator)} images, lr {lr_for(cfg, accelerator):.3g}",
+        f"{images_per_step(cfg, accelerator)} images, lr {lr_for(cfg, accelerator, vae):.3g}",
         main_process_only=True,
     )
     progress = tqdm(

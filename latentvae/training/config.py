@@ -90,6 +90,11 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "Batches accumulated per optimizer step.")
     learning_rate: float = _f(4.5e-6, "Learning rate (per image when --scale_lr, as in latent-diffusion).")
     scale_lr: bool = _f(True, "Multiply the learning rate by batch size x processes x accumulation steps.")
+    scale_lr_with_width: bool = _f(
+        False,
+        "Read --learning_rate as the rate of a model 128 channels wide at 4 images per step and scale it by "
+        "128 / max(block_out_channels) x sqrt(images per step / 4) (see width_scaled_lr).",
+    )
     lr_scheduler: str = _f(
         "constant", "Scheduler: constant, constant_with_warmup, linear, cosine, ... (diffusers)."
     )
@@ -204,6 +209,19 @@ class TrainConfig:
         return DataSettings(**{f.name: getattr(self, f.name) for f in fields(DataSettings)})
 
 
+def width_scaled_lr(learning_rate: float, width: int, images_per_step: int) -> float:
+    """The learning-rate rule of `--scale_lr_with_width`: `learning_rate` is the rate for a model whose widest block
+    has 128 channels, trained on 4 images per step; the rate falls as 1 / width (Adam's per-weight steps add up over
+    a layer's fan-in) and grows as sqrt(batch) (the gradient noise falls as 1 / sqrt(batch)).
+
+    Measured points (eval/results/recipes/): width 128, batch 4: 3e-4 beats 1.5e-4 and keeps colour; width 64
+    (tiny-kl-f8), batch 8: 5e-4 keeps colour, 2e-3 gives a colour-blind latent (the rule says 8.5e-4). At the SD
+    scale (width 512, 96 images per step) it gives 3.7e-4 from 3e-4, where CompVis trained kl-f8 at 4.5e-6 x 96 =
+    4.3e-4.
+    """
+    return learning_rate * (128 / width) * (images_per_step / 4) ** 0.5
+
+
 # Fields that only a VQ model uses, and those that only a KL model uses: setting one for the other kind is an error.
 VQ_ONLY = (
     "codebook_weight",
@@ -273,8 +291,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # From scratch at a small budget (measured by eval/recipes.py against diffusers-example): AdamW 0.9/0.99
     # without weight decay, a short linear warm-up and a cosine decay to zero, whole-image crops with flips.
     "from-scratch": dict(
-        learning_rate=3e-4,
+        learning_rate=3e-4,  # at width 128 and 4 images per step: scaled to the model and batch
         scale_lr=False,
+        scale_lr_with_width=True,
         adam_beta1=0.9,
         adam_beta2=0.99,
         adam_weight_decay=0.0,
@@ -385,6 +404,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     if misplaced := sorted((explicit & set(other)) | changed):
         kind = "kl" if config.model == "vq" else "vq"
         raise SystemExit(f"only --model {kind} uses {', '.join('--' + n for n in misplaced)}")
+    if config.scale_lr and config.scale_lr_with_width:
+        raise SystemExit(
+            "--scale_lr and --scale_lr_with_width are two rules for one learning rate: choose one"
+        )
     # Stopped here, not after the data is read: e.g. `--recipe quickstart --model flux2` names a KL shape.
     shapes = MODEL_PRESETS[config.model]
     if not config.pretrained_model_name_or_path and config.model_preset not in shapes:
