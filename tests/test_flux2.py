@@ -192,7 +192,11 @@ def test_flux2_export_is_a_diffusers_folder_that_both_libraries_load(tmp_path):
     written = export_vae(ours, tmp_path / "flux2", metadata={"global_step": "2"})
     out = tmp_path / "flux2"
     assert written == out / "diffusion_pytorch_model.safetensors"
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
     config = json.loads((out / "config.json").read_text())
     assert config["_class_name"] == "AutoencoderKLFlux2" and config["decoder_block_out_channels"] == [
         16,

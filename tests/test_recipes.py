@@ -63,7 +63,11 @@ def test_a_failed_run_lets_the_others_finish_and_an_interrupted_one_resumes(tmp_
     done = tmp_path / "slow" / "done"
     jobs = [
         ("broken", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "broken"),
-        ("slow", [sys.executable, "-c", f"import time; time.sleep(2); open({str(done)!r}, 'w')"], done.parent),
+        (
+            "slow",
+            [sys.executable, "-c", f"import time; time.sleep(2); open({str(done)!r}, 'w')"],
+            done.parent,
+        ),
     ]
     with pytest.raises(SystemExit, match=r"broken \(exit 3"):
         train_runs(jobs, parallel=2)

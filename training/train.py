@@ -59,9 +59,10 @@ from latentvae.models.discriminator import NLayerDiscriminator
 from latentvae.pretrained import MissingWeightsError, build_lpips
 from latentvae.training.autoencoding import build_autoencoding
 from latentvae.training.checkpointing import latest_checkpoint, resume, resume_command, save_checkpoint
-from latentvae.training.config import TrainConfig, parse_config, width_scaled_lr
+from latentvae.training.config import TrainConfig, parse_config
 from latentvae.training.losses import AutoencoderLoss
 from latentvae.training.publish import copy_last_grid, push_training, training_card
+from latentvae.training.recipes import width_scaled_lr
 from latentvae.training.signals import PreemptionHandler, ignore_stop_signals
 from latentvae.training.step import NonFiniteGuard, NonFiniteTrainingError, TrainStep
 from latentvae.training.validation import grid_images, reconstruction_grid, save_grid, validate

@@ -39,7 +39,7 @@ from latentvae.benchmark.recipe_report import (
 from latentvae.evaluation.evaluate import evaluate, open_data
 from latentvae.evaluation.report import write_outputs
 from latentvae.evaluation.results import EvalSettings, ModelSpec
-from latentvae.training.config import RECIPES
+from latentvae.training.recipes import RECIPES
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "training" / "train.py"
 # Flags the benchmark sets for every run: a run's own flags may not change them (equal budget, equal data).
@@ -139,7 +139,9 @@ def train_command(run: Run, seed: int, init: Path, train_dir: str, folder: Path,
     ]  # fmt: skip
     if not budget.lpips:
         command += ["--perceptual_weight", "0"]
-    if any(folder.glob("checkpoint-*")):  # an interrupted run goes on where it stopped (the trainer's exact resume)
+    if any(
+        folder.glob("checkpoint-*")
+    ):  # an interrupted run goes on where it stopped (the trainer's exact resume)
         command += ["--resume_from_checkpoint", "latest"]
     return command + list(run.flags)
 
