@@ -4,6 +4,7 @@ Every image is built here, in tmp_path, with PIL / numpy / tifffile or by hand-w
 pixels come from the formats' definitions (EXIF orientation table, CMYK and alpha formulas), not from the code.
 """
 
+import colorsys
 import logging
 import os
 import resource
@@ -423,6 +424,30 @@ def test_center_crop_and_random_flip_flags(tmp_path, random_flip):
         assert (as_uint8 == center).all() or (random_flip and (as_uint8 == center[:, ::-1]).all())
         flips.add(bool((as_uint8 == center[:, ::-1]).all() and not (as_uint8 == center).all()))
     assert flips == ({False, True} if random_flip else {False})
+
+
+@pytest.mark.parametrize("max_shift", [0.1, 0.5])
+def test_random_hue_rotates_hue_within_range_and_keeps_saturation(tmp_path, max_shift):
+    # --random_hue: a saturated, uniformly coloured image keeps its saturation and value (stdlib colorsys as the
+    # oracle) while its hue moves by at most max_shift of the colour circle, to both sides; validation crops and
+    # random_hue=0 leave the colour alone.
+    colour = (230, 40, 40)
+    Image.new("RGB", (16, 16), colour).save(tmp_path / "red.png")
+    hue0, sat0, val0 = colorsys.rgb_to_hsv(*(c / 255 for c in colour))
+    dataset = ImageDataset([tmp_path / "red.png"], 16, train=True, random_hue=max_shift)
+    torch.manual_seed(0)
+    shifts = []
+    for _ in range(40):
+        pixel = ((dataset[0]["pixel_values"][:, 8, 8] + 1) * 127.5).tolist()
+        hue, sat, val = colorsys.rgb_to_hsv(*(c / 255 for c in pixel))
+        assert sat == pytest.approx(sat0, abs=0.02) and val == pytest.approx(val0, abs=0.01)
+        shifts.append((hue - hue0 + 0.5) % 1.0 - 0.5)
+    assert max(abs(s) for s in shifts) <= max_shift + 0.01
+    assert min(shifts) < -max_shift / 3 and max(shifts) > max_shift / 3
+    plain = ImageDataset([tmp_path / "red.png"], 16, train=False, random_hue=max_shift)
+    assert ((plain[0]["pixel_values"][:, 8, 8] + 1) * 127.5).round().tolist() == list(colour)
+    with pytest.raises(ValueError, match="random_hue"):
+        ImageDataset([tmp_path / "red.png"], 16, random_hue=0.6)
 
 
 def test_validation_crop_is_deterministic(tmp_path):

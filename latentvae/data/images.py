@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.functional import adjust_hue
 
 from latentvae.data.skips import SkipLog
 
@@ -228,6 +229,10 @@ class ImageDataset(torch.utils.data.Dataset):
         train: Training crops (random position, flipped) or validation crops (center, never flipped).
         center_crop: Training crops at the center too (the diffusers AutoencoderKL example's crops).
         random_flip: Flip training crops left-right with probability 1/2.
+        random_hue: Rotate each training crop's hue by a random fraction of the colour circle, uniform in
+            [-random_hue, random_hue] (torchvision's `adjust_hue`, as `ColorJitter(hue=...)`; at most 0.5). A small
+            or uniform training set then cannot be reconstructed by painting its mean tint over the luma: the
+            encoder has to put chroma into the latent. 0 (default): off.
         skip_log: Where decoding failures are recorded (e.g. `ImageData.skip_log`); a new log by default.
 
     Each item is a dict: `"pixel_values"`, a float32 tensor of shape (3, resolution, resolution) in [-1, 1];
@@ -245,11 +250,17 @@ class ImageDataset(torch.utils.data.Dataset):
         cache: bool = False,
         center_crop: bool = False,
         random_flip: bool = True,
+        random_hue: float = 0.0,
     ) -> None:
         if resolution < 1:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}.")
         if resize_to is not None and resize_to < resolution:
             raise ValueError(f"resize_to ({resize_to}) must be at least the crop resolution ({resolution}).")
+        if not 0.0 <= random_hue <= 0.5:
+            raise ValueError(
+                f"random_hue must be in [0, 0.5] (a fraction of the colour circle), got {random_hue}."
+            )
+        self.random_hue = random_hue
         self.resize_to = resolution if resize_to is None else resize_to
         # Decoded, resized images by name: for small datasets that fit in memory, decoding dominates a step.
         self.cache: dict[str, Image.Image] | None = {} if cache else None
@@ -304,6 +315,8 @@ class ImageDataset(torch.utils.data.Dataset):
         image = image.crop((left, top, left + size, top + size))
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.train and self.random_hue > 0:
+            image = adjust_hue(image, float((torch.rand(()) * 2 - 1) * self.random_hue))
         return to_tensor(image)
 
 

@@ -183,6 +183,7 @@ class DataSettings:
     resize_to: int | None = None
     center_crop: bool = False
     random_flip: bool = True
+    random_hue: float = 0.0
     cache_images: bool = False
     max_bad_fraction: float = 0.1
     dataloader_num_workers: int = 0
@@ -259,6 +260,7 @@ def build_training_data(
         cache=cfg.cache_images,
         center_crop=cfg.center_crop,
         random_flip=cfg.random_flip,
+        random_hue=cfg.random_hue,
     )
     images_per_step = cfg.train_batch_size * accelerator.num_processes
     if len(crops) < images_per_step:
@@ -312,6 +314,7 @@ def _shard_data(
         resize_to=cfg.resize_to,
         center_crop=cfg.center_crop,
         random_flip=cfg.random_flip,
+        random_hue=cfg.random_hue,
         seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer,
         rank=accelerator.process_index,

@@ -212,7 +212,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         urls: The shards (`expand_shards`).
         resolution: Side of the square crops.
         resize_to: Shorter side before cropping (default `resolution`), as in `ImageDataset`.
-        center_crop, random_flip: The crops, as in `ImageDataset`.
+        center_crop, random_flip, random_hue: The crops, as in `ImageDataset`.
         seed: The run's seed.
         shuffle_buffer: Samples shuffled together (whole shards are read until at least this many).
         rank, world_size: This process and the number of processes.
@@ -229,6 +229,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         resize_to: int | None = None,
         center_crop: bool = False,
         random_flip: bool = True,
+        random_hue: float = 0.0,
         seed: int = 0,
         shuffle_buffer: int = 1000,
         rank: int = 0,
@@ -238,7 +239,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.urls, self.seed, self.shuffle_buffer = list(urls), seed, max(1, shuffle_buffer)
         self.rank, self.world_size, self.exclude = rank, world_size, exclude
         self.crops = ImageDataset(
-            [], resolution, train=True, resize_to=resize_to, center_crop=center_crop, random_flip=random_flip
+            [],
+            resolution,
+            train=True,
+            resize_to=resize_to,
+            center_crop=center_crop,
+            random_flip=random_flip,
+            random_hue=random_hue,
         )
         self.skip_log = SkipLog()
         self.start: dict[int, Position] = {}

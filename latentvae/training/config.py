@@ -69,6 +69,11 @@ class TrainConfig:
         "Crop training images at the center instead of at a random position (as the diffusers examples).",
     )
     random_flip: bool = _f(True, "Flip training crops left-right with probability 1/2.")
+    random_hue: float = _f(
+        0.0,
+        "Rotate each training crop's hue by a random fraction of the colour circle in [-h, h] (torchvision "
+        "ColorJitter's hue, at most 0.5): keeps chroma in the latent when the training set is small or uniform.",
+    )
     train_shards: str | None = _f(
         None,
         "WebDataset tar shards to stream instead of a folder, e.g. 'data/shard-{000000..000099}.tar' (local paths, "
