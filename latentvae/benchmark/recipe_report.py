@@ -130,8 +130,9 @@ Every run starts from the same weights (a diffusers AutoencoderKL, block_out_cha
 1 layer per block, 4 latent channels, built after `torch.manual_seed(0)`) and trains through `training/train.py` on
 `{result["train_dir"]}` for {budget["steps"]} steps of {budget["batch_size"]} crops of {budget["resolution"]} px, in
 {budget["mixed_precision"]} autocast, {"with" if budget["lpips"] else "without"} LPIPS, without a GAN; seeds {seeds}
-(init fixed; the seed moves the data order, crops and posterior noise). Evaluated on {result["protocol"]["data"]}:
-{result["protocol"]["preprocessing"]}; posterior mode, fp32. Cells: mean over seeds ± half the seed-to-seed range.
+(init fixed; the seed moves the data order, crops, posterior noise and which training photos are held out for
+the trainer's validation, so validation curves of different seeds are of different photos). Evaluated on
+{result["protocol"]["data"]}: {result["protocol"]["preprocessing"]}; posterior mode, fp32. Cells: mean over seeds ± half the seed-to-seed range.
 Baseline: **{result["baseline"]}**.
 
 {table}

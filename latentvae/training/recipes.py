@@ -72,6 +72,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     ),
     # From scratch at a small budget (measured by eval/recipes.py against diffusers-example): AdamW 0.9/0.99
     # without weight decay, a short linear warm-up and a cosine decay to zero, whole-image crops with flips.
+    # BSDS500 test, 1000 steps, seeds 0 and 1: 22.20 dB against the baseline's 21.75 (+0.17 and +0.73 per seed),
+    # colourfulness 0.89 against 0.93 (eval/results/recipes/recipes.md).
     "from-scratch": dict(
         learning_rate=3e-4,  # at width 128 and 4 images per step: scaled to the model and batch
         scale_lr=False,
