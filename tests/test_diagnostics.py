@@ -4,6 +4,7 @@ an exact autoencoder, and latents made deliberately harder to diffuse."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ from PIL import Image
 from torch.distributions import Normal, kl_divergence
 
 from latentvae import AutoencoderKL
+from latentvae.cli import main
 from latentvae.evaluation.artefacts import equivariance, round_trip_drift
 from latentvae.evaluation.diagnostics import DiagnoseSettings, run_probe
 from latentvae.evaluation.evaluate import open_data
@@ -184,3 +186,29 @@ def test_the_probe_finds_latents_with_a_high_frequency_sign_pattern_harder(tmp_p
     hard, _ = run_probe(flipped, data, settings)
     print(f"probe loss: plain {easy['val_loss']:.4f}, sign-flipped {hard['val_loss']:.4f}")
     assert hard["val_loss"] > 1.25 * easy["val_loss"]
+
+
+def test_diagnose_writes_json_markdown_and_plots_for_models_side_by_side(tmp_path):
+    smooth_images(tmp_path, 6, size=32)
+    torch.manual_seed(0)
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        AutoencoderKL.from_preset("tiny-kl-f8", sample_size=32).save_pretrained(tmp_path / name)
+    out = tmp_path / "out"
+    code = main(
+        ["diagnose", str(tmp_path / "a"), "--model", f"second={tmp_path / 'b'}", "--data_dir", str(tmp_path),
+         "--output_dir", str(out), "--resolution", "32", "--drift_images", "2", "--seam_images", "1",
+         "--grid_samples", "2", "--interpolation_steps", "3", "--probe_steps", "4", "--probe_images", "3",
+         "--probe_val_images", "2", "--probe_views", "1"]
+    )  # fmt: skip
+    assert code == 0
+    document = json.loads((out / "diagnostics.json").read_text())
+    assert [m["name"] for m in document["models"]] == ["a", "second"]
+    first = document["models"][0]
+    assert len(first["health"]["kl_per_channel"]) == 4 and first["seams"]["image_size"] == 64
+    assert set(first["drift"]) == {"1", "2", "4", "8"} and len(first["probe"]["curve_val_loss"]) == 4
+    report = (out / "diagnostics.md").read_text()
+    assert "| a |" in report and "| second |" in report and "**" in report
+    for name in ("kl_per_channel", "spectra", "drift", "probe_loss", "samples_a", "interpolation_second"):
+        with Image.open(out / f"{name}.png") as image:
+            assert image.format == "PNG" and image.width > 50
