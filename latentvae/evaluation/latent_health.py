@@ -161,9 +161,12 @@ def posterior_parts(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]
 @torch.no_grad()
 def latent_health_scalars(model: nn.Module, batches: Any) -> dict[str, float]:
     """Per-channel KL (`kl/channel_i`, KL models only) and `active_units` of images in [-1, 1], for a tracker."""
+    was_training = model.training
+    model.eval()
     health = LatentHealth()
     for images in batches:
         health.add(model, *posterior_parts(model, images.to(model.device, model.dtype)))
+    model.train(was_training)
     summary = health.summary()
     scalars = {"active_units": float(summary["active_units"])}
     for i, value in enumerate(summary["kl_per_channel"] or []):
