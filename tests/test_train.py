@@ -481,3 +481,26 @@ def test_the_quickstart_recipe_keeps_colour(tmp_path):
         luma[..., 1:] = 128
         grey.append(chroma_error(original, Image.fromarray(luma, "YCbCr").convert("RGB")))
     assert np.mean(ours) < np.mean(grey) / 3, (np.mean(ours), np.mean(grey))  # measured: 0.22 of it
+
+
+def test_a_tensorboard_run_logs_per_channel_kl_and_active_units(image_dirs, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(
+        image_dirs,
+        tmp_path,
+        "--max_train_steps",
+        "1",
+        "--validation_steps",
+        "1",
+        "--report_to",
+        "tensorboard",
+    )
+    events = sorted(tmp_path.rglob("events.out.tfevents.*"))
+    assert events, f"no tensorboard event file under {tmp_path}"
+    tags = set()
+    for path in events:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        tags.update(accumulator.Tags()["scalars"])
+    assert {"val/active_units", *(f"val/kl/channel_{c}" for c in range(4))} <= tags, sorted(tags)

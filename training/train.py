@@ -51,6 +51,7 @@ from latentvae.data.images import collate_images
 from latentvae.data.loaders import build_training_data
 from latentvae.data.seeding import derived_generator
 from latentvae.data.skips import SkipLog
+from latentvae.evaluation.latent_health import latent_health_scalars
 from latentvae.evaluation.latent_stats import measure_latent_stats
 from latentvae.files.export import export_vae
 from latentvae.files.hub import check_can_push
@@ -176,10 +177,14 @@ def run_validation(accelerator, cfg, vae, ema, val_set, grid_set, perceptual, st
         with accelerator.autocast():
             metrics = validate(vae, (b["pixel_values"] for b in loader), perceptual)
             grid = reconstruction_grid(vae, grid_set)
+            if accelerator.trackers:  # per-channel KL and active units (latentvae diagnose) for the tracker
+                health = latent_health_scalars(vae, (b["pixel_values"] for b in loader))
         if ema is not None:
             ema.restore(vae.parameters())
         path = save_grid(grid, Path(cfg.output_dir) / "validation" / f"step-{step:07d}.png")
         accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+        if accelerator.trackers:
+            accelerator.log({f"val/{k}": v for k, v in health.items()}, step=step)
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("val/input|reconstruction|error", grid, step)

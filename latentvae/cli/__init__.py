@@ -4,6 +4,7 @@
     latentvae convert IN OUT --to diffusers|ldm [--dtype fp16|bf16|fp32]
     latentvae reconstruct PATH IMAGE... --out DIR [--tile] [--resolution N]
     latentvae evaluate --model [NAME=]PATH ... --data_dir DIR --output_dir OUT
+    latentvae diagnose MODEL [MODEL ...] --data_dir DIR --output_dir OUT
     latentvae make-shards IMAGE_DIR OUT_DIR [--shard_size N]
     latentvae benchmark [--quick] [--modes ...]
     latentvae push PATH REPO_ID [--token T] [--private]
@@ -39,6 +40,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "evaluate": Subcommand(
         "PSNR / SSIM / LPIPS / rFID of one or more VAEs on the same images, side by side", "evaluate"
+    ),
+    "diagnose": Subcommand(
+        "latent health, artefact checks and a diffusion probe of one or more VAEs, side by side", "diagnose"
     ),
     "make-shards": Subcommand(
         "write a folder of images into WebDataset tar shards for --train_shards", "make_shards"

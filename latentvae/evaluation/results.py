@@ -167,18 +167,24 @@ class ModelResult:
         return out
 
     def _codebook_summary(self) -> dict[str, Any]:
-        """codebook_size, codes_used, codebook_usage (fraction chosen at least once), codebook_perplexity (exp of
-        the code histogram's entropy: the number of equally used codes with the same spread); None for KL models."""
-        counts = self.code_counts
-        if counts is None:
-            return dict(codebook_size=None, codes_used=None, codebook_usage=None, codebook_perplexity=None)
-        probs = counts[counts > 0] / counts.sum()
-        return dict(
-            codebook_size=len(counts),
-            codes_used=int((counts > 0).sum()),
-            codebook_usage=float((counts > 0).mean()),
-            codebook_perplexity=float(np.exp(-(probs * np.log(probs)).sum())),  # exp(-sum p log p)
-        )
+        if self.code_counts is None:
+            keys = ("codebook_size", "codes_used", "codebook_usage", "codebook_unused", "codebook_perplexity")
+            return dict.fromkeys(keys)
+        return codebook_summary(self.code_counts)
+
+
+def codebook_summary(counts: np.ndarray) -> dict[str, Any]:
+    """codebook_size, codes_used, codebook_usage (fraction chosen at least once), codebook_unused (the rest),
+    codebook_perplexity (exp of the code histogram's entropy: the number of equally used codes with the same
+    spread), from how often each code was chosen."""
+    probs = counts[counts > 0] / counts.sum()
+    return dict(
+        codebook_size=len(counts),
+        codes_used=int((counts > 0).sum()),
+        codebook_usage=float((counts > 0).mean()),
+        codebook_unused=float((counts == 0).mean()),
+        codebook_perplexity=float(np.exp(-(probs * np.log(probs)).sum())),  # exp(-sum p log p)
+    )
 
 
 def describe_protocol(
