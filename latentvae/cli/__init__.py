@@ -8,6 +8,7 @@
     latentvae make-shards IMAGE_DIR OUT_DIR [--shard_size N]
     latentvae benchmark [--quick] [--modes ...]
     latentvae push PATH REPO_ID [--token T] [--private]
+    latentvae distill-preview VAE --data_dir DIR [--output_dir OUT] [--max_train_steps N] ...
 
 To add a subcommand, write `latentvae/cli/<name>.py` with `configure(parser)` (adds its arguments) and `run(args)`
 (runs it, returns the exit code), and list it in `SUBCOMMANDS`. Only the chosen subcommand's module is imported,
@@ -52,6 +53,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "benchmark",
     ),
     "push": Subcommand("upload an export folder to a Hugging Face Hub model repository", "push"),
+    "distill-preview": Subcommand(
+        "distil a fast preview decoder (diffusers AutoencoderTiny, TAESD's architecture) from a VAE",
+        "distill_preview",
+    ),
 }
 
 

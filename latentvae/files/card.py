@@ -57,6 +57,7 @@ class TrainingRecord:
         validation: final validation metrics, name -> value.
         num_validation_images: the images they were measured on.
         grid: a validation grid image inside the export folder (its file name), shown in the card.
+        script: the training script.
     """
 
     recipe: str
@@ -69,6 +70,7 @@ class TrainingRecord:
     validation: dict[str, float] = field(default_factory=dict)
     num_validation_images: int = 0
     grid: str | None = None
+    script: str = "training/train.py"
 
 
 @dataclass
@@ -159,7 +161,7 @@ def _model_section(model: Any, config: dict, info: CardInfo) -> str:
 def _training_section(record: TrainingRecord) -> str:
     parts = [
         "## Training\n",
-        f"Trained with latentvae's `training/train.py`, recipe `{record.recipe}`: {record.steps} optimizer steps "
+        f"Trained with latentvae's `{record.script}`, recipe `{record.recipe}`: {record.steps} optimizer steps "
         f"of {record.images_per_step} images at {record.resolution} px. Data: {record.data}.",
     ]
     if record.losses:
@@ -264,3 +266,45 @@ def model_card(
     sections.append(_usage_section(config, name, ldm_filename, info))
     body = "\n\n".join(sections)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+
+
+def preview_card(
+    model: Any, config: dict, name: str, teacher: str, record: TrainingRecord, license: str | None = None
+) -> ModelCard:
+    """The card of a preview decoder (an `AutoencoderTiny` distilled by `latentvae distill-preview`) exported as
+    folder `name`; `teacher` names the VAE it previews (its path or Hub id)."""
+    data = ModelCardData(
+        library_name="diffusers", tags=[CARD_TAG, "autoencoder", "taesd", "autoencodertiny"], license=license
+    )
+    counts = parameter_counts(model)
+    factor = 2 ** (len(config["decoder_block_out_channels"]) - 1)
+    rows = {
+        "class": "`AutoencoderTiny` (diffusers; TAESD's architecture)",
+        "encoder_block_out_channels": config["encoder_block_out_channels"],
+        "decoder_block_out_channels": config["decoder_block_out_channels"],
+        "parameters": f"encoder {counts['encoder'] / 1e6:.3f} M, decoder {counts['decoder'] / 1e6:.3f} M",
+        "latent": f"{config['latent_channels']} channels, {factor}x downsampling (the VAE's)",
+        "scaling_factor": config["scaling_factor"],
+        "shift_factor": config["shift_factor"],
+        "latent_magnitude": config["latent_magnitude"],
+        "latent_shift": config["latent_shift"],
+    }
+    where = json.dumps(f"path/to/{name}")
+    body = [
+        f"# {name}\n\nA preview decoder for the VAE `{teacher}`: a diffusers `AutoencoderTiny` (TAESD's architecture) "
+        "distilled from it, whose decoder turns that VAE's latents into (an approximation of) the VAE's own decode, "
+        "many times faster, and whose encoder approximates the VAE's posterior mean.",
+        "## Model\n\n"
+        + _table(rows, ("property", "value"))
+        + "\n\nLatents: it works on the *normalised* latent "
+        "the diffusion model sees, z_n = (z - shift_factor) * scaling_factor with the VAE's constants (as TAESD for "
+        "SD / SDXL), so its own scaling_factor is 1 and shift_factor 0: a pipeline's `vae.decode(latents / "
+        "scaling_factor + shift_factor)` hands it z_n unchanged. `latent_magnitude` / `latent_shift` map z_n to "
+        "[0, 1] for the byte form (`scale_latents`): +-3 std around the mean measured on the training images.",
+        _training_section(record),
+        USAGE_HEADING
+        + f"\n```python\nfrom diffusers import AutoencoderTiny\n\ntiny = AutoencoderTiny.from_pretrained({where})\n"
+        "pipe.vae = tiny  # a pipeline whose diffusion model works in the VAE's latent space: fast decodes\n"
+        "image = tiny.decode(latents).sample  # or preview the normalised latents of a step directly\n```",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(body) + "\n")

@@ -36,7 +36,15 @@ from huggingface_hub import ModelCard
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from latentvae.files.card import CARD_NAME, CARD_TAG, CardInfo, model_card, replace_evaluation
+from latentvae.files.card import (
+    CARD_NAME,
+    CARD_TAG,
+    CardInfo,
+    TrainingRecord,
+    model_card,
+    preview_card,
+    replace_evaluation,
+)
 from latentvae.files.convert import diffusers_to_ldm
 
 CONFIG_NAME = "config.json"
@@ -252,3 +260,24 @@ def export_vae(
             stale.unlink()
     write_model_card(model, out, name if single_file else None, card)
     return written
+
+
+def export_preview(
+    model: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    teacher: str,
+    record: TrainingRecord,
+    license: str | None = None,
+) -> Path:
+    """Write a preview decoder (an `AutoencoderTiny`) for `diffusers.AutoencoderTiny.from_pretrained(out_dir)`:
+    `config.json`, `diffusion_pytorch_model.safetensors` and its model card (`latentvae.files.card.preview_card`;
+    a README.md we did not write is left alone). Returns the folder."""
+    if type(model).__name__ != "AutoencoderTiny":
+        raise TypeError(f"export_preview writes an AutoencoderTiny; got {type(model).__name__}")
+    out = save_diffusers(model, out_dir)
+    path = out / CARD_NAME
+    if _card_is_ours(path):
+        text = str(preview_card(model, model_config(model), out.resolve().name, teacher, record, license))
+        _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return out

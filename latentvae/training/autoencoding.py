@@ -43,6 +43,10 @@ class Autoencoding(nn.Module):
     def training_state(self) -> list[Any]:
         return []
 
+    def last_layer(self) -> Tensor:
+        """The decoder's last weight, where the GAN's adaptive weight balances its gradient against the NLL's."""
+        return self.vae.decoder.conv_out.weight
+
 
 def gaussian_kl(moments: Tensor) -> Tensor:
     """KL(q(z|x) || N(0, I)) in fp32 from the encoder's moments `(B, 2C, h, w)`: the closed form

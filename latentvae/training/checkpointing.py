@@ -225,8 +225,8 @@ def resume(accelerator, resume_from: str, output_dir: str | os.PathLike, data: A
     return step
 
 
-def resume_command(argv: list[str]) -> str:
-    """The training command line `argv` (the script's arguments) with `--resume_from_checkpoint latest`."""
+def resume_command(argv: list[str], script: str = "training/train.py") -> str:
+    """The command line of `script` with arguments `argv`, plus `--resume_from_checkpoint latest`."""
     if not any(a.startswith(("--resume_from_checkpoint", "--resume-from-checkpoint")) for a in argv):
         argv = [*argv, "--resume_from_checkpoint", "latest"]
-    return "accelerate launch training/train.py " + shlex.join(argv)
+    return f"accelerate launch {script} " + shlex.join(argv)

@@ -247,7 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
         "one release; model shapes are --model_preset.",
     )
     parser.add_argument("--config", default=None, help="JSON file of field values (flags given here win).")
-    for f in fields(TrainConfig):
+    add_config_flags(parser, TrainConfig)
+    return parser
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag per field of the dataclass `config_class` (`--snake_case` and `--kebab-case`, plus the field's
+    `aliases`; its help text, choices and type from the field), unless its metadata says `flag=False`. Flags not
+    given stay out of the namespace (SUPPRESS), so "given" and "given as none" are told apart."""
+    for f in fields(config_class):
         if not f.metadata.get("flag", True):
             continue
         names = [f"--{f.name}", f"--{f.name.replace('_', '-')}"] + list(f.metadata.get("aliases", ()))
@@ -275,7 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
             default=argparse.SUPPRESS,
             help=help,
         )
-    return parser
 
 
 def _or_none(convert):

@@ -86,7 +86,8 @@ class TrainStep:
     updated: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        self.vae = self.accelerator.unwrap_model(self.model).vae
+        self.autoencoding = self.accelerator.unwrap_model(self.model)
+        self.vae = self.autoencoding.vae
         # Clip exactly what the optimizer steps: the trainable autoencoder weights and the loss's logvar.
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.disc_params = [] if self.discriminator is None else list(self.discriminator.parameters())
@@ -100,20 +101,38 @@ class TrainStep:
     def gan_active(self, global_step: int) -> bool:
         return self.discriminator is not None and self.loss_fn.discriminator_active(global_step)
 
-    def __call__(self, images: Tensor, global_step: int, generator: torch.Generator | None = None) -> dict:
+    def __call__(
+        self,
+        images: Tensor,
+        global_step: int,
+        generator: torch.Generator | None = None,
+        *,
+        targets: Tensor | None = None,
+        **model_inputs: Tensor,
+    ) -> dict:
         """Both updates for one batch. Returns detached scalar logs (the last micro-batch's under accumulation);
-        the optimizers step only when `accelerator.sync_gradients` is True after the call."""
+        the optimizers step only when `accelerator.sync_gradients` is True after the call.
+
+        `targets` are the images the reconstruction is compared with and the discriminator's real images (default:
+        `images`; a distillation passes its teacher's decodes); `model_inputs` go to the model's forward beside
+        `images` (a distillation's teacher latents)."""
+        targets = images if targets is None else targets
         models = [self.model] + ([self.discriminator] if self.discriminator is not None else [])
         with self.accelerator.accumulate(*models):
             if self.accelerator.sync_gradients:
                 self.skipped, self.updated = [], False
-            recon, logs = self.autoencoder_step(images, global_step, generator)
+            recon, logs = self.autoencoder_step(images, global_step, generator, targets, model_inputs)
             if self.gan_active(global_step):
-                logs.update(self.discriminator_step(images, recon, global_step))
+                logs.update(self.discriminator_step(targets, recon, global_step))
         return logs
 
     def autoencoder_step(
-        self, images: Tensor, global_step: int, generator: torch.Generator | None = None
+        self,
+        images: Tensor,
+        global_step: int,
+        generator: torch.Generator | None = None,
+        targets: Tensor | None = None,
+        model_inputs: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict]:
         """Forward through the prepared model, backward, (at a sync step) all-reduce logvar, clip and step.
 
@@ -122,14 +141,14 @@ class TrainStep:
         """
         gan_on = self.gan_active(global_step)
         critic = self.accelerator.unwrap_model(self.discriminator) if gan_on else None
-        recon, reg_loss, reg_logs = self.model(images, generator=generator)
+        recon, reg_loss, reg_logs = self.model(images, generator=generator, **(model_inputs or {}))
         with frozen(critic):
             with self.accelerator.autocast():
                 loss, logs = self.loss_fn.autoencoder_loss(
-                    images,
+                    images if targets is None else targets,
                     recon,
                     global_step,
-                    last_layer=self.vae.decoder.conv_out.weight if gan_on else None,
+                    last_layer=self.autoencoding.last_layer() if gan_on else None,
                     discriminator=critic,
                 )
                 loss = loss + reg_loss
