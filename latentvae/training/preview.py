@@ -56,6 +56,9 @@ class PreviewConfig:
     )
     center_crop: bool = _f(False, "Crop at the center instead of at a random position.")
     random_flip: bool = _f(True, "Flip training crops left-right with probability 1/2.")
+    random_hue: float = _f(
+        0.0, "Rotate each crop's hue by up to this fraction of the colour circle (0 = off)."
+    )
     cache_images: bool = _f(False, "Keep decoded, resized images in memory.")
     max_bad_fraction: float = _f(0.1, "Stop if more than this fraction of the images is broken.")
     dataloader_num_workers: int = _f(2, "Data loader worker processes per training process.")
