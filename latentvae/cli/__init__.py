@@ -9,6 +9,7 @@
     latentvae benchmark [--quick] [--modes ...]
     latentvae push PATH REPO_ID [--token T] [--private]
     latentvae distill-preview VAE --data_dir DIR [--output_dir OUT] [--max_train_steps N] ...
+    latentvae normalize PATH --data_dir DIR [--mode scale|shift_scale|per_channel|batchnorm] [--output PATH]
 
 To add a subcommand, write `latentvae/cli/<name>.py` with `configure(parser)` (adds its arguments) and `run(args)`
 (runs it, returns the exit code), and list it in `SUBCOMMANDS`. Only the chosen subcommand's module is imported,
@@ -56,6 +57,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "distill-preview": Subcommand(
         "distil a fast preview decoder (diffusers AutoencoderTiny, TAESD's architecture) from a VAE",
         "distill_preview",
+    ),
+    "normalize": Subcommand(
+        "measure a VAE's latent normalisation on images and write it where its pipelines read it", "normalize"
     ),
 }
 

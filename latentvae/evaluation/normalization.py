@@ -16,6 +16,7 @@ config keys of the other conventions are cleared (None), so no pipeline reads a 
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -223,3 +224,14 @@ def describe(mode: str, values: dict[str, Any], stats: LatentStats) -> str:
         "batchnorm": "exact mean and variance per 2x2-patchified channel",
     }[mode]
     return f"{mode}: {written} ({how} of {latents} over {stats.num_images} images)"
+
+
+def export_metadata(how: str, stats: LatentStats) -> dict[str, str]:
+    """The safetensors metadata strings an export carries about its constants: how they were found (`how`, e.g.
+    `describe`'s line and the images) and the per-channel statistics they were computed from."""
+    return {
+        "latent_normalization": how,
+        "latent_channel_mean": json.dumps(stats.channel_mean),
+        "latent_channel_std": json.dumps(stats.channel_std),
+        "latent_statistics_images": str(stats.num_images),
+    }

@@ -128,7 +128,9 @@ def _value(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
-def _model_section(model: Any, config: dict, info: CardInfo) -> str:
+def model_section(model: Any, config: dict, info: CardInfo) -> str:
+    """The card's "## Model" section: the architecture, parameters, latent shape and normalisation constants (a
+    FLUX.2 VAE's: its bn running statistics), and how the constants were found (`info.normalisation`)."""
     counts = parameter_counts(model)
     factor = 2 ** (len(config["block_out_channels"]) - 1)  # as diffusers pipelines compute it
     channels = config["latent_channels"]
@@ -144,18 +146,36 @@ def _model_section(model: Any, config: dict, info: CardInfo) -> str:
     }
     if "num_vq_embeddings" in config:
         rows["codebook"] = f"{config['num_vq_embeddings']} codes"
-    rows["scaling_factor"] = config.get("scaling_factor")
+    bn = getattr(model, "bn", None)
+    if bn is None:
+        rows["scaling_factor"] = config.get("scaling_factor")
     for key in ("shift_factor", "latents_mean", "latents_std"):
         if config.get(key) is not None:
             rows[key] = config[key]
+    if bn is not None:  # FLUX.2: the statistics its pipelines normalise the 2x2-patchified latents with
+        rows["bn.running_mean"] = bn.running_mean.tolist()
+        rows["bn.running_var"] = bn.running_var.tolist()
     rows["force_upcast"] = config.get("force_upcast")
     measured = info.normalisation or "as set in the config (not measured at export)"
-    return (
-        "## Model\n\n"
-        + _table(rows, ("property", "value"))
-        + f"\n\nLatent normalisation: {measured}. Pipelines multiply the latents by `scaling_factor` before "
-        "diffusion and divide by it before decoding (FLUX.1 / SD3-style pipelines also subtract `shift_factor`)."
+    how = (
+        "FLUX.2 pipelines patchify the latents 2x2 and normalise them with the bn running statistics, (z - "
+        "running_mean) / sqrt(running_var + batch_norm_eps), before diffusion, and undo it before decoding."
+        if bn is not None
+        else "Pipelines multiply the latents by `scaling_factor` before diffusion and divide by it before decoding "
+        "(FLUX.1 / SD3-style pipelines also subtract `shift_factor`; pipelines that read `latents_mean` / "
+        "`latents_std` normalise per channel)."
     )
+    return (
+        "## Model\n\n" + _table(rows, ("property", "value")) + f"\n\nLatent normalisation: {measured}. {how}"
+    )
+
+
+def replace_model_section(text: str, section: str) -> str:
+    """The card text `text` with its "## Model" section replaced by `section` (the others kept as they are)."""
+    pattern = re.compile(r"^## Model\n.*?(?=\n\n(?:## |<!-- latentvae:)|\Z)", re.DOTALL | re.MULTILINE)
+    if not pattern.search(text):
+        raise ValueError("the model card has no '## Model' section to update")
+    return pattern.sub(lambda _: section, text, count=1)
 
 
 def _training_section(record: TrainingRecord) -> str:
@@ -258,7 +278,7 @@ def model_card(
     )
     if info.base_model:
         intro += f" Fine-tuned from [{info.base_model}](https://huggingface.co/{info.base_model})."
-    sections = [intro, _model_section(model, config, info)]
+    sections = [intro, model_section(model, config, info)]
     if info.training is not None:
         sections.append(_training_section(info.training))
     if info.evaluation:

@@ -42,10 +42,12 @@ from latentvae.files.card import (
     CardInfo,
     TrainingRecord,
     model_card,
+    model_section,
     preview_card,
     replace_evaluation,
+    replace_model_section,
 )
-from latentvae.files.convert import diffusers_to_ldm
+from latentvae.files.convert import LDM, diffusers_to_ldm
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -162,12 +164,47 @@ def save_ldm(
     return path
 
 
+def save_single_file(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    layout: str = LDM,
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write one `.safetensors` file in the key layout `layout`: "ldm" (`save_ldm`), or "diffusers" (the diffusers
+    keys, for a model that came as such a file), the config as JSON in its metadata under "config" either way, so
+    that `load_vae` rebuilds the model from the file alone.
+
+    Returns:
+        The file written.
+    """
+    if layout == LDM:
+        return save_ldm(model, path, metadata=metadata)
+    path = Path(path)
+    extra = {
+        **_checked_metadata(metadata),
+        "format": "pt",
+        CONFIG_METADATA_KEY: json.dumps(model_config(model)),
+    }
+    tensors = _cpu_contiguous(model.state_dict())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=extra))
+    return path
+
+
 def _written_by_us(path: Path) -> bool:
     try:
         with safe_open(path, framework="pt") as f:
             return (f.metadata() or {}).get(MARKER_METADATA_KEY) == "ldm"
     except (OSError, SafetensorError):  # not a readable safetensors file: certainly not ours, leave it alone
         return False
+
+
+def ldm_files_in(folder: str | os.PathLike) -> list[Path]:
+    """The ldm single files that we wrote in `folder` (marked in their metadata), in name order."""
+    return sorted(
+        p for p in Path(folder).glob("*.safetensors") if p.name != WEIGHTS_NAME and _written_by_us(p)
+    )
 
 
 def _card_is_ours(path: Path) -> bool:
@@ -191,6 +228,27 @@ def write_model_card(
     if not _card_is_ours(path):
         return None
     text = str(model_card(model, model_config(model), out.resolve().name, ldm_filename, info))
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path
+
+
+def update_model_card(
+    model: torch.nn.Module, out_dir: str | os.PathLike, ldm_filename: str | None, info: CardInfo
+) -> Path | None:
+    """Bring `out_dir/README.md` up to date with `model`: a card we wrote gets a new "## Model" section (the
+    constants, and how they were found: `info.normalisation`) and keeps the rest (training, evaluation, usage); a
+    folder without a card gets a fresh one; a README.md we did not write is left alone (None returned)."""
+    path = Path(out_dir) / CARD_NAME
+    if not path.exists():
+        return write_model_card(model, out_dir, ldm_filename, info)
+    if not _card_is_ours(path):
+        return None
+    try:
+        text = replace_model_section(
+            path.read_text(encoding="utf-8"), model_section(model, model_config(model), info)
+        )
+    except ValueError:  # a card of ours without a model section (edited by hand): write it afresh
+        return write_model_card(model, out_dir, ldm_filename, info)
     _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
@@ -255,8 +313,8 @@ def export_vae(
         raise ValueError(f"{type_name} is exported without an ldm single file: ldm_filename has no use.")
     save_diffusers(model, out, metadata=None if single_file else metadata)
     written = save_ldm(model, out / name, metadata=metadata) if single_file else out / WEIGHTS_NAME
-    for stale in out.glob("*.safetensors"):
-        if stale not in (written, out / WEIGHTS_NAME) and _written_by_us(stale):
+    for stale in ldm_files_in(out):
+        if stale != written:
             stale.unlink()
     write_model_card(model, out, name if single_file else None, card)
     return written

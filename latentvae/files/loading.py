@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from latentvae.files.convert import LDM, VAE_PREFIXES, infer_config, to_diffusers_layout
+from latentvae.files.convert import DIFFUSERS, LDM, VAE_PREFIXES, infer_config, to_diffusers_layout
 from latentvae.files.export import CONFIG_METADATA_KEY, CONFIG_NAME, WEIGHTS_NAME
 from latentvae.models.autoencoder_kl import AutoencoderKL
 from latentvae.models.autoencoder_kl_flux2 import AutoencoderKLFlux2
@@ -96,6 +96,12 @@ class VAEFile:
     state_dict: dict[str, torch.Tensor]  # diffusers key layout
     config: dict  # diffusers model config, `_class_name` included
     config_source: str  # "safetensors metadata", "<file> beside the weights", "inferred from tensor shapes"
+    layout: str = DIFFUSERS  # the key layout of the file: "diffusers" or "ldm"
+    prefix: str = ""  # "first_stage_model." / "vae." when the VAE was part of a whole checkpoint
+    metadata: dict[str, str] = field(default_factory=dict)  # the safetensors metadata of the file
+    folder_kind: str | None = (
+        None  # a folder was given: "diffusers folder", "training checkpoint" (FOLDER_WEIGHTS)
+    )
 
 
 # `_class_name` -> the class to build. The key conversion (`to_diffusers_layout`) and shape inference
@@ -242,7 +248,9 @@ def read_vae(path: str | os.PathLike, *, allow_pickle: bool = False) -> VAEFile:
         file_format = f"prefixed checkpoint ({prefix}*, {layout} keys, {container})"
     else:
         file_format = f"{layout} {container}"
-    return VAEFile(path, file_format, state_dict, config, config_source)
+    return VAEFile(
+        path, file_format, state_dict, config, config_source, layout, prefix, metadata, folder_kind
+    )
 
 
 def build_vae(
