@@ -425,6 +425,23 @@ def test_two_processes_stay_identical_and_see_disjoint_samples(image_dirs, tmp_p
     assert not set(seen[0]) & set(seen[1])
     assert {Path(p).name for p in seen[0] + seen[1]} == {f"img{i:02d}.png" for i in range(NUM_TRAIN)}
 
+    # The scaling factor of the whole set, from each process's share (its half of the images, its own noise: seed
+    # + rank) summed across processes: the same samples drawn by stock diffusers from the exported EMA weights.
+    import diffusers
+
+    final = tmp_path / "run" / "final"
+    vae = diffusers.AutoencoderKL.from_pretrained(final).eval()
+    halves = training_images_by_torchvision(image_dirs).split(NUM_TRAIN // 2)
+    latents = []
+    with torch.no_grad():
+        for rank, half in enumerate(halves):
+            generator = torch.Generator().manual_seed(rank)
+            latents += [vae.encode(batch).latent_dist.sample(generator=generator) for batch in half.split(2)]
+    std = torch.cat(latents).double().std(unbiased=False).item()
+    assert json.loads((final / "config.json").read_text())["scaling_factor"] == pytest.approx(
+        1 / std, rel=1e-4
+    )
+
 
 # -- colour -------------------------------------------------------------------------------------------------------
 

@@ -62,8 +62,8 @@ def test_the_card_states_the_runs_configuration(pushed):
         assert row(card.text, name) == str(saved[name]), name  # the quickstart does not scale its lr
     config = json.loads((final / "config.json").read_text())
     assert float(row(card.text, "scaling_factor")) == config["scaling_factor"]
-    assert f"over {saved['scaling_factor_images']} training images" not in card.text  # only 16 images exist
-    assert "over 16 training images" in card.text
+    assert f"over {saved['scaling_factor_images']} images" not in card.text  # only 16 images exist
+    assert "scale: scaling_factor" in card.text and "over 16 images" in card.text
     assert float(row(card.text, "PSNR (dB)")) > 0 and "2 held-out images" in card.text
     assert float(row(card.text, "LPIPS (squeeze)")) > 0  # the training loss's LPIPS
     assert card.text.startswith("\n# me/faces-vae\n")

@@ -8,11 +8,11 @@
 
 Reads top to bottom: setup, data, model and EMA, losses and optimizers, `accelerator.prepare`, resume, loop
 (one `TrainStep` per batch: autoencoder step, discriminator step; then EMA, logging, validation, checkpoints), then
-the latent scaling factor and the export to `output_dir/final/` with its model card (`--push_to_hub` uploads it:
-`latentvae.training.publish`). The module DDP wraps (reconstruction plus the latent regulariser's loss: KL or VQ)
-is `latentvae.training.autoencoding`; the step itself is `latentvae.training.step`; the randomness that makes a
-resumed run exact is `latentvae.data.seeding`; the data (folder, dataset or streamed shards) is
-`latentvae.data.loaders`.
+the latent normalisation (`--latent_normalization`: `latentvae.training.normalizing`) and the export to
+`output_dir/final/` with its model card (`--push_to_hub` uploads it: `latentvae.training.publish`). The module DDP
+wraps (reconstruction plus the latent regulariser's loss: KL or VQ) is `latentvae.training.autoencoding`; the step
+itself is `latentvae.training.step`; the randomness that makes a resumed run exact is `latentvae.data.seeding`; the
+data (folder, dataset or streamed shards) is `latentvae.data.loaders`.
 
 What may go wrong, and what happens then: a broken image is skipped with a warning and counted (more than
 --max_bad_fraction is an error with the list); SIGTERM / SIGINT finishes the step, writes a checkpoint and exits 0
@@ -43,7 +43,7 @@ from latentvae.data.loaders import build_training_data
 from latentvae.data.seeding import derived_generator
 from latentvae.data.skips import SkipLog
 from latentvae.evaluation.latent_health import latent_health_scalars
-from latentvae.evaluation.latent_stats import measure_latent_stats
+from latentvae.evaluation.normalization import export_metadata
 from latentvae.files.export import export_vae
 from latentvae.files.hub import check_can_push
 from latentvae.files.loading import load_vae
@@ -53,6 +53,7 @@ from latentvae.training.checkpointing import latest_checkpoint, resume, resume_c
 from latentvae.training.config import TrainConfig, parse_config
 from latentvae.training.launch import build_accelerator, build_optimizers, build_perceptual
 from latentvae.training.losses import AutoencoderLoss
+from latentvae.training.normalizing import chosen_mode, measure_statistics, write_normalization
 from latentvae.training.publish import copy_last_grid, push_training, training_card
 from latentvae.training.recipes import width_scaled_lr
 from latentvae.training.signals import PreemptionHandler, ignore_stop_signals
@@ -166,38 +167,24 @@ class StepLog:
         self.progress.set_postfix(loss=f"{scalars['train/loss']:.4g}", img_s=f"{rate:.1f}")
 
 
-def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, started: float) -> Path:
-    """Measure the latent scaling factor (EMA weights when EMA is on), export to `output_dir/final/` with its model
-    card, print the summary and, with --push_to_hub, upload the export (main process)."""
-    skipped = SkipLog()  # the skips every process saw, for the summary
+def finish(
+    accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, started: float, normalization: str | None
+) -> Path:
+    """Measure the latent statistics (EMA weights when EMA is on; every process its share), write the
+    `normalization` constants (None: keep the loaded ones), export to `output_dir/final/` with its model card, print
+    the summary and, with --push_to_hub, upload the export (main process)."""
+    accelerator.wait_for_everyone()
+    vae.eval()
+    if ema is not None:
+        ema.copy_to(vae.parameters())
+    stats = measure_statistics(accelerator, cfg, vae, data)
+    skipped = SkipLog()  # the skips every process saw, training and measuring, for the summary
     for reasons in gather_object([data.skip_log.reasons]):
         skipped.merge(reasons.items())
-    accelerator.wait_for_everyone()
     final_dir = Path(cfg.output_dir) / "final"
     if accelerator.is_main_process:
-        vae.eval()
-        if ema is not None:
-            ema.copy_to(vae.parameters())
-        stats_loader = DataLoader(
-            data.statistics_set(), batch_size=cfg.train_batch_size, collate_fn=collate_images
-        )
-        stats = measure_latent_stats(
-            vae,
-            (b["pixel_values"] for b in stats_loader),
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
         name = type(vae).__name__
-        if "scaling_factor" in vae.config:
-            vae.register_to_config(scaling_factor=stats.scaling_factor)
-            scale = f"latent scaling factor {stats.scaling_factor:.5f} (1 / std over {stats.num_images} training images)"
-        else:
-            # AutoencoderKLFlux2: its pipelines normalise with the BN buffers, which no gradient and no forward pass
-            # of training touches (diffusers' forward does not call `bn` either): they are exported as they were
-            # loaded or initialised (mean 0, variance 1).
-            scale = (
-                f"latent 1 / std {stats.scaling_factor:.5f} over {stats.num_images} training images (not written: "
-                f"{name} has no scaling_factor; its bn.running_mean / running_var are kept unchanged)"
-            )
+        normalisation = write_normalization(vae, normalization, stats, cfg, accelerator.num_processes)
         weights = "EMA" if ema is not None else "trained"
         card = training_card(
             cfg,
@@ -206,7 +193,7 @@ def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, start
             learning_rate=lr_for(cfg, accelerator, vae),
             data=data.description,
             validation=val_metrics,
-            stats=stats,
+            normalisation=normalisation,
             grid=copy_last_grid(Path(cfg.output_dir), final_dir),
         )
         export_vae(
@@ -216,17 +203,14 @@ def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, start
             metadata={
                 "weights": weights.lower(),
                 "global_step": str(step),
-                "latent_channel_mean": str(stats.channel_mean),
-                "latent_channel_std": str(stats.channel_std),
-                "scaling_factor_images": str(stats.num_images),
+                **export_metadata(normalisation, stats),
             },
         )
-        skipped.merge(data.skip_log.reasons.items())  # found while measuring the statistics
         summary = [
             f"done: {step} steps in {(time.time() - started) / 60:.1f} min",
             f"final validation: PSNR {val_metrics.get('psnr', float('nan')):.2f} dB, "
             f"SSIM {val_metrics.get('ssim', float('nan')):.4f} on {val_metrics.get('num_images', 0)} images",
-            scale,
+            f"latent normalisation: {normalisation}",
             f"skipped images: {skipped.summary()}",
             f"checkpoints: {cfg.output_dir}/checkpoint-*   validation grids: {cfg.output_dir}/validation/",
             f"{name}: {final_dir} (weights: {weights})",
@@ -262,6 +246,7 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
 
     # -- model, EMA, losses, optimizers -------------------------------------------------------------------------
     vae = build_vae(cfg)
+    normalization = chosen_mode(cfg, explicit, vae)  # a mode the model cannot hold stops the run now
     grid_set = grid_images(data.val, multiple=vae.downsampling_factor)  # whole, colourful validation images
     model = build_autoencoding(
         vae, cfg
@@ -367,8 +352,8 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
                 break
     progress.close()
 
-    # -- scaling factor and export ---------------------------------------------------------------------------
-    return finish(accelerator, cfg, vae, ema, data, global_step, val_metrics, started)
+    # -- latent normalisation and export -----------------------------------------------------------------------
+    return finish(accelerator, cfg, vae, ema, data, global_step, val_metrics, started, normalization)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from latentvae.data.loaders import DataSettings
+from latentvae.evaluation.normalization import MODES
 from latentvae.models.presets import FLUX2_PRESETS, PRESETS, VQ_PRESETS
 from latentvae.training.recipes import RECIPES
 
@@ -27,8 +28,8 @@ class TrainConfig:
     model: str = _f(
         "kl",
         "Autoencoder kind: kl (AutoencoderKL, Gaussian latent), flux2 (AutoencoderKLFlux2: Gaussian latent, plus "
-        "the BatchNorm statistics FLUX.2 pipelines normalise with, which training leaves unchanged) or vq "
-        "(VQModel, codebook latent).",
+        "the BatchNorm statistics FLUX.2 pipelines normalise with, measured at the end: --latent_normalization) or "
+        "vq (VQModel, codebook latent).",
         choices=("kl", "flux2", "vq"),
     )
     pretrained_model_name_or_path: str | None = _f(
@@ -184,7 +185,19 @@ class TrainConfig:
     checkpoints_total_limit: int | None = _f(3, "Keep at most this many checkpoints (oldest removed).")
     resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder to resume from.")
     scaling_factor_images: int = _f(
-        512, "Training images used to measure the latent scaling factor at the end."
+        512,
+        "Training images (center crops) whose posterior samples the latent normalisation is measured on at the end, "
+        "shared among the processes.",
+    )
+    latent_normalization: str = _f(
+        "auto",
+        "The latent normalisation measured at the end and written where the target pipeline reads it: scale (SD: "
+        "scaling_factor = 1 / std), shift_scale (FLUX.1 / SD3: shift_factor = mean, scaling_factor = 1 / std), "
+        "per_channel (latents_mean / latents_std; SDXL pipelines then normalise per channel), batchnorm (FLUX.2: "
+        "the bn statistics of 2x2-patchified latents, exact) or auto (the latent family's: batchnorm for a FLUX.2 "
+        "VAE, shift_scale for one with a shift_factor or 16 channels without quant convs, else scale). A "
+        "--decoder_only run keeps the loaded constants unless this flag is given.",
+        choices=("auto", *MODES),
     )
     # -- model card and the Hub --
     license: str | None = _f(None, "License written into the model card (a Hub license id, e.g. apache-2.0).")

@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from latentvae.evaluation.latent_stats import LatentStats
 from latentvae.files.card import CardInfo, TrainingRecord, known_base_model
 from latentvae.files.hub import PushError, push_folder
 from latentvae.training.config import TrainConfig
@@ -76,11 +75,11 @@ def training_card(
     learning_rate: float,
     data: str,
     validation: dict[str, float],
-    stats: LatentStats,
+    normalisation: str,
     grid: str | None,
 ) -> CardInfo:
-    """The model card's account of a finished run (values as the config and the run's measurements hold them)."""
-    latents = "the encoder outputs" if cfg.model == "vq" else "posterior samples"
+    """The model card's account of a finished run (values as the config and the run's measurements hold them;
+    `normalisation`: how the latent normalisation constants were found)."""
     record = TrainingRecord(
         recipe=cfg.recipe,
         steps=steps,
@@ -102,8 +101,7 @@ def training_card(
         license=cfg.license,
         base_model=cfg.base_model or known_base_model(cfg.pretrained_model_name_or_path),
         repo_id=repo_id(cfg) if cfg.push_to_hub else None,
-        normalisation=f"scaling_factor = 1 / std of {latents} over {stats.num_images} training images "
-        f"({cfg.resolution} px center crops, seed {cfg.seed}), measured at the end of training",
+        normalisation=normalisation,
         training=record,
     )
 
