@@ -268,6 +268,49 @@ def test_two_models_give_csv_rows_summary_report_and_grids(tmp_path, image_dir, 
         assert f"{name}.png" in report
 
 
+def test_the_latent_normalisation_report_shows_each_convention_against_the_config(tmp_path, image_dir):
+    vae = AutoencoderKL(**{**tiny_vae(levels=3).config, "shift_factor": 0.25, "scaling_factor": 0.5})
+    export_vae(vae, tmp_path / "vae")
+    out = tmp_path / "out"
+    argv = [
+        "evaluate",
+        "--model",
+        str(tmp_path / "vae"),
+        "--data_dir",
+        str(image_dir),
+        "--output_dir",
+        str(out),
+    ]
+    assert (
+        main([*argv, "--resolution", "32", "--batch_size", "2", "--seed", "4", "--no_fid", "--no_lpips"]) == 0
+    )
+    (found,) = [m["latent_normalization"] for m in read_json_strictly(out / "summary.json")["models"]]
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert found["held_mode"] == found["default_mode"] == "shift_scale"
+    assert found["held"] == {
+        k: config[k] for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+    }
+
+    # The suggestions, from posterior samples drawn by stock diffusers: the same crops, batches and seed.
+    stock = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae")
+    crops = [as_batch(oracle_crop(image_dir / name, 32)) / 127.5 - 1 for name in ("a.png", "b.png", "c.png")]
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        z = [
+            stock.encode(torch.cat(b)).latent_dist.sample(generator=generator) for b in (crops[:2], crops[2:])
+        ]
+    z = torch.cat(z).double().numpy()
+    suggested = found["suggested"]
+    assert set(suggested) == {"scale", "shift_scale", "per_channel"}  # no bn: no batchnorm
+    assert suggested["shift_scale"]["shift_factor"] == pytest.approx(z.mean(), rel=1e-4, abs=1e-6)
+    assert suggested["shift_scale"]["scaling_factor"] == pytest.approx(1 / z.std(), rel=1e-4)
+    assert suggested["scale"] == {**suggested["shift_scale"], "shift_factor": None}
+    np.testing.assert_allclose(suggested["per_channel"]["latents_std"], z.std(axis=(0, 2, 3)), rtol=1e-4)
+    report = (out / "report.md").read_text()
+    assert "| Constant | Config (shift_scale) | scale | shift_scale (default) | per_channel |" in report
+    assert "| `shift_factor` | 0.25 | none |" in report
+
+
 def test_native_size_with_a_factor_that_does_not_divide_the_image(tmp_path, image_dir):
     export_vae(tiny_vae(levels=3), tmp_path / "f4")
     out = tmp_path / "out"

@@ -46,6 +46,7 @@ from latentvae.evaluation.metrics import (
     ssim,
     to_uint8,
 )
+from latentvae.evaluation.normalization import report as normalization_report
 from latentvae.evaluation.profiling import PeakMemory, StageTimer
 from latentvae.evaluation.results import (
     EvalData,
@@ -358,6 +359,7 @@ def evaluate_model(
         except ValueError as err:
             result.notes.append(f"rFID not computed: {err}")
     result.latent_stats = _latent_stats(model, data, settings, progress)
+    result.normalization = normalization_report(model, result.latent_stats)
     del model
     gc.collect()
     if device.type == "cuda":

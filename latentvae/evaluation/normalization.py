@@ -157,6 +157,17 @@ def apply_normalization(vae: nn.Module, mode: str, stats: LatentStats) -> dict[s
     return values
 
 
+def report(vae: nn.Module, stats: LatentStats) -> dict[str, Any]:
+    """A VAE's normalisation report: what each convention it can hold would set, measured by `stats`
+    (`suggestions`), next to what it holds (`held_constants`), which convention that is, and the family's default."""
+    return {
+        "default_mode": default_mode(vae),
+        "held_mode": held_mode(vae),
+        "held": held_constants(vae),
+        "suggested": suggestions(vae, stats),
+    }
+
+
 def held_mode(vae: nn.Module) -> str:
     """The convention the constants `vae` holds select, as pipelines read them (a bn first, then per-channel
     statistics, then a shift)."""

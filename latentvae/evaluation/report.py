@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from latentvae.evaluation.normalization import short
 from latentvae.evaluation.results import METRICS, Evaluation, ModelResult, json_safe
 
 HEAT_MAP_MAX = 64  # mean absolute error (uint8 units) drawn white in the heat maps; larger errors saturate
@@ -175,7 +176,12 @@ def render_report(evaluation: Evaluation, summaries: list[dict[str, Any]], writt
         "images, and FID is biased upwards on small sets, so compare these values only with each other (same "
         "images, same count), never with published ones."
     )
-    parts += ["## Latent statistics", _latent_table(summaries), "## Protocol"]
+    parts += [
+        "## Latent statistics",
+        _latent_table(summaries),
+        *_normalisation_tables(summaries),
+        "## Protocol",
+    ]
     parts.append("\n".join(f"- **{key}**: {value}" for key, value in evaluation.protocol.items()))
     parts += ["## Skipped", _skipped(evaluation, summaries), "## Grids", _grid_section(written)]
     return "\n\n".join(parts) + "\n"
@@ -205,6 +211,32 @@ def _latent_table(summaries: list[dict[str, Any]]) -> str:
         for s in summaries
     ]
     return _table(header, rows)
+
+
+def _normalisation_tables(summaries: list[dict[str, Any]]) -> list[str]:
+    """Per model: the constants each latent normalisation convention would set from these images, next to those its
+    config holds (lists by their range and length; summary.json has every value)."""
+    parts = [
+        "### Latent normalisation: suggested from these images, and held by the config",
+        "scale: SD (z * scaling_factor); shift_scale: FLUX.1 / SD3 ((z - shift_factor) * scaling_factor); "
+        "per_channel: pipelines that read latents_mean / latents_std (SDXL's change behaviour when they are set); "
+        "batchnorm: FLUX.2 (bn statistics of 2x2-patchified latents). Write one with `latentvae normalize`.",
+    ]
+    for s in summaries:
+        found = s.get("latent_normalization")
+        if not found:
+            continue
+        modes = list(found["suggested"])
+        keys = list(dict.fromkeys([*found["held"], *(k for v in found["suggested"].values() for k in v)]))
+        header = ["Constant", f"Config ({found['held_mode']})"]
+        header += [f"{m} (default)" if m == found["default_mode"] else m for m in modes]
+        rows = [
+            [f"`{key}`", short(found["held"].get(key))]
+            + [short(found["suggested"][m][key]) if key in found["suggested"][m] else "–" for m in modes]
+            for key in keys
+        ]
+        parts += [f"**{s['name']}**", _table(header, rows)]
+    return parts
 
 
 def _skipped(evaluation: Evaluation, summaries: list[dict[str, Any]]) -> str:

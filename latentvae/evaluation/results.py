@@ -112,6 +112,7 @@ class ModelResult:
     latent_shape: list[int] | None = None  # (C, h, w) of the first image
     latent_stats: LatentStats | None = None
     config_scaling_factor: float | None = None
+    normalization: dict[str, Any] | None = None  # `latentvae.evaluation.normalization.report`
     code_counts: np.ndarray | None = None  # VQ models: how often each code was chosen, over all images
     worst: list[Example] = field(default_factory=list)
     best: list[Example] = field(default_factory=list)
@@ -161,6 +162,7 @@ class ModelResult:
             latent_channel_std=stats.channel_std if stats else None,
             suggested_scaling_factor=stats.scaling_factor if stats else None,
             config_scaling_factor=self.config_scaling_factor,
+            latent_normalization=self.normalization,
             **self._codebook_summary(),
             notes=self.notes,
         )
@@ -224,7 +226,9 @@ def describe_protocol(
         f"from {memory_kind or 'nothing: not measured on this device'}",
         "latent_stats": f"posterior samples (seed {seed}; a VQ model: its encoder output) of all evaluated images "
         "(latentvae.evaluation.latent_stats); "
-        "suggested scaling factor = 1 / std over all latent elements",
+        "suggested scaling factor = 1 / std over all latent elements; latent_normalization: the constants each "
+        "convention the model can hold would set from them (latentvae.evaluation.normalization), next to those "
+        "its config (and a FLUX.2 VAE's bn) holds",
         "codebook": "VQ models: the encoder output is replaced by its nearest codebook vectors before decoding; "
         "usage = fraction of the codebook chosen at least once over all latent positions of all evaluated images, "
         "perplexity = exp(entropy) of that code histogram",
