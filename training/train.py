@@ -89,6 +89,14 @@ def build_vae(cfg: TrainConfig) -> AutoencoderKL | VQModel:
     return vae.train()
 
 
+def kept_constants(vae: nn.Module) -> str:
+    """The normalisation constants `vae` holds, for the summary of a run that keeps them."""
+    if isinstance(vae, AutoencoderKLFlux2):
+        return "bn.running_mean / running_var as loaded"
+    held = {k: vae.config.get(k) for k in ("scaling_factor", "shift_factor", "latents_mean", "latents_std")}
+    return ", ".join(f"{k} {v}" for k, v in held.items() if v is not None)
+
+
 def images_per_step(cfg: TrainConfig, accelerator: Accelerator) -> int:
     return cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
 
@@ -187,7 +195,14 @@ def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, start
             generator=torch.Generator().manual_seed(cfg.seed),
         )
         name = type(vae).__name__
-        if "scaling_factor" in vae.config:
+        if cfg.decoder_only and not cfg.remeasure_latent_normalization:
+            # The frozen encoder keeps the latent space, and the diffusion models trained on it expect its constants.
+            scale = (
+                f"latent normalisation kept (decoder only): {kept_constants(vae)}; measured 1 / std "
+                f"{stats.scaling_factor:.5f} over {stats.num_images} training images, not written "
+                "(--remeasure_latent_normalization writes it)"
+            )
+        elif "scaling_factor" in vae.config:
             vae.register_to_config(scaling_factor=stats.scaling_factor)
             scale = f"latent scaling factor {stats.scaling_factor:.5f} (1 / std over {stats.num_images} training images)"
         else:

@@ -41,7 +41,16 @@ class TrainConfig:
         "(--model kl), latentvae.FLUX2_PRESETS (--model flux2) or latentvae.VQ_PRESETS (--model vq).",
     )
     decoder_only: bool = _f(
-        False, "Freeze the encoder (and quant_conv): fine-tune the decoder only, as Stability did."
+        False,
+        "Freeze the encoder (and quant_conv): fine-tune the decoder only, as Stability did. The latent space is "
+        "kept, and so are the loaded model's normalisation constants (scaling_factor, shift_factor, FLUX.2's BN "
+        "statistics), which its diffusion models were trained with, unless --remeasure_latent_normalization.",
+    )
+    remeasure_latent_normalization: bool = _f(
+        False,
+        "With --decoder_only: measure the latent normalisation on the training data at the end and write it, as a "
+        "run that trains the encoder does (default: keep the loaded constants); a diffusion model trained on the "
+        "loaded constants then sees other latents.",
     )
     ema_decay: float = _f(0.0, "Keep an exponential moving average of the weights with this decay (0 = off).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")

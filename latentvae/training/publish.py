@@ -81,6 +81,10 @@ def training_card(
 ) -> CardInfo:
     """The model card's account of a finished run (values as the config and the run's measurements hold them)."""
     latents = "the encoder outputs" if cfg.model == "vq" else "posterior samples"
+    kept = (
+        "kept from the model fine-tuned (decoder only: the frozen encoder keeps its latent space, and the diffusion "
+        "models trained on it expect these constants)"
+    )
     record = TrainingRecord(
         recipe=cfg.recipe,
         steps=steps,
@@ -102,7 +106,9 @@ def training_card(
         license=cfg.license,
         base_model=cfg.base_model or known_base_model(cfg.pretrained_model_name_or_path),
         repo_id=repo_id(cfg) if cfg.push_to_hub else None,
-        normalisation=f"scaling_factor = 1 / std of {latents} over {stats.num_images} training images "
+        normalisation=kept
+        if cfg.decoder_only and not cfg.remeasure_latent_normalization
+        else f"scaling_factor = 1 / std of {latents} over {stats.num_images} training images "
         f"({cfg.resolution} px center crops, seed {cfg.seed}), measured at the end of training",
         training=record,
     )
