@@ -25,6 +25,7 @@ from test_train import train
 from latentvae import load_vae
 from latentvae.files.convert import FAMILY_MARKS, diffusers_to_ldm
 from latentvae.files.loading import read_vae
+from latentvae.training.config import parse_config
 
 # The training tests' fixtures: generated images, and a clean Accelerate state after each test.
 image_dirs, clean_accelerate_state = test_train.image_dirs, test_train.clean_accelerate_state
@@ -88,6 +89,7 @@ def check_decoder_only_export(final: Path, start, constants: dict[str, float]) -
     before, after = start.state_dict(), trained.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("encoder."))
     assert not torch.equal(after["decoder.conv_out.weight"], before["decoder.conv_out.weight"])
+    assert "Latent normalisation: kept from the model fine-tuned" in (final / "README.md").read_text()
 
 
 def test_the_family_marks_are_the_keys_diffusers_tells_checkpoints_apart_by():
@@ -148,7 +150,7 @@ def test_an_sd3_checkpoints_vae_is_fine_tuned_with_sd3s_constants(image_dirs, tm
     check_decoder_only_export(final, start, SD3)
 
 
-def test_remeasuring_a_decoder_only_run_writes_the_measured_scale(image_dirs, tmp_path, capsys):
+def test_remeasuring_a_decoder_only_run_writes_the_familys_measured_constants(image_dirs, tmp_path, capsys):
     start = tiny_16_channel_vae(**FLUX1)
     save_file(ldm_state_dict(start), tmp_path / "ae.safetensors")
     final = train(
@@ -160,13 +162,18 @@ def test_remeasuring_a_decoder_only_run_writes_the_measured_scale(image_dirs, tm
     generator = torch.Generator().manual_seed(0)  # the run's --seed
     with torch.no_grad():
         latents = [start.encode(batch).latent_dist.sample(generator=generator) for batch in images.split(2)]
-    std = torch.cat(latents).double().std(unbiased=False).item()
+    latents = torch.cat(latents).double()
     config = json.loads((final / "config.json").read_text())
-    assert config["scaling_factor"] == pytest.approx(1 / std, rel=1e-4)
-    assert "latent scaling factor" in capsys.readouterr().out
+    # FLUX.1's convention, shift_scale: shift_factor = mean, scaling_factor = 1 / std (about that mean).
+    assert config["shift_factor"] == pytest.approx(latents.mean().item(), rel=1e-4, abs=1e-6)
+    assert config["scaling_factor"] == pytest.approx(1 / latents.std(unbiased=False).item(), rel=1e-4)
+    assert "latent normalisation re-measured (decoder only), shift_scale" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="is for --decoder_only runs"):
+        parse_config(["--remeasure_latent_normalization"])
 
 
-def test_a_decoder_only_flux2_run_keeps_its_encoder_and_bn_statistics(image_dirs, tmp_path, capsys):
+def tiny_flux2_vae():
+    """A diffusers.AutoencoderKLFlux2, tiny, with BN statistics that are not the init's (as a released one's)."""
     import diffusers
 
     torch.manual_seed(0)
@@ -177,9 +184,16 @@ def test_a_decoder_only_flux2_run_keeps_its_encoder_and_bn_statistics(image_dirs
         layers_per_block=1,
         norm_num_groups=32,
     ).eval()
-    with torch.no_grad():  # released statistics, not the init's
+    with torch.no_grad():
         start.bn.running_mean.normal_()
         start.bn.running_var.uniform_(0.5, 2.0)
+    return start
+
+
+def test_a_decoder_only_flux2_run_keeps_its_encoder_and_bn_statistics(image_dirs, tmp_path, capsys):
+    import diffusers
+
+    start = tiny_flux2_vae()
     start.save_pretrained(tmp_path / "flux2")
     final = train(
         image_dirs, tmp_path / "run", *STEPS, "--model", "flux2", "--decoder_only",
@@ -192,3 +206,23 @@ def test_a_decoder_only_flux2_run_keeps_its_encoder_and_bn_statistics(image_dirs
     assert all(torch.equal(after[k], before[k]) for k in frozen)
     assert not torch.equal(after["decoder.conv_out.weight"], before["decoder.conv_out.weight"])
     assert "latent normalisation kept (decoder only)" in capsys.readouterr().out
+
+
+def test_remeasuring_a_decoder_only_flux2_run_writes_the_patchified_statistics(image_dirs, tmp_path):
+    import diffusers
+
+    start = tiny_flux2_vae()
+    start.save_pretrained(tmp_path / "flux2")
+    final = train(
+        image_dirs, tmp_path / "run", *STEPS, "--model", "flux2", "--decoder_only",
+        "--remeasure_latent_normalization", "--pretrained_model_name_or_path", str(tmp_path / "flux2"),
+    )  # fmt: skip
+    # The run's posterior samples through the starting (frozen) encoder, patchified by the FLUX.2 pipeline's code.
+    images = test_train.training_images_by_torchvision(image_dirs)
+    generator = torch.Generator().manual_seed(0)  # the run's --seed
+    with torch.no_grad():
+        z = torch.cat([start.encode(b).latent_dist.sample(generator=generator) for b in images.split(2)])
+    patches = diffusers.Flux2KleinPipeline._patchify_latents(z).double().transpose(0, 1).flatten(1)  # (4C, N)
+    bn = diffusers.AutoencoderKLFlux2.from_pretrained(final).bn
+    torch.testing.assert_close(bn.running_mean.double(), patches.mean(1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(bn.running_var.double(), patches.var(1, unbiased=False), rtol=1e-4, atol=1e-6)
