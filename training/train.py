@@ -43,7 +43,14 @@ from latentvae.data.loaders import build_training_data
 from latentvae.data.seeding import derived_generator
 from latentvae.data.skips import SkipLog
 from latentvae.evaluation.latent_health import latent_health_scalars
-from latentvae.evaluation.latent_stats import measure_latent_stats
+from latentvae.evaluation.latent_stats import LatentStats, measure_latent_stats
+from latentvae.evaluation.normalization import (
+    apply_normalization,
+    default_mode,
+    describe,
+    held_constants,
+    short,
+)
 from latentvae.files.export import export_vae
 from latentvae.files.hub import check_can_push
 from latentvae.files.loading import load_vae
@@ -87,6 +94,40 @@ def build_vae(cfg: TrainConfig) -> AutoencoderKL | VQModel:
     if cfg.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
     return vae.train()
+
+
+def write_normalization(cfg: TrainConfig, vae: nn.Module, stats: LatentStats) -> tuple[str, str | None]:
+    """Write the latent normalisation `stats` call for into `vae`, as the run asks; returns the summary's line and
+    the model card's account of the constants (None: the card's own, the scaling factor measured)."""
+    if cfg.decoder_only and not cfg.remeasure_latent_normalization:
+        # The frozen encoder keeps the latent space, and the diffusion models trained on it expect its constants.
+        held = ", ".join(f"{k} {short(v)}" for k, v in held_constants(vae).items() if v is not None)
+        return (
+            f"latent normalisation kept (decoder only): {held}; measured 1 / std {stats.scaling_factor:.5f} over "
+            f"{stats.num_images} training images, not written (--remeasure_latent_normalization writes it)",
+            "kept from the model fine-tuned (decoder only: the frozen encoder keeps its latent space, and the "
+            "diffusion models trained on it expect these constants)",
+        )
+    if (
+        cfg.decoder_only
+    ):  # asked to re-measure: the latent family's convention (FLUX.1 / SD3: shift and scale)
+        mode = default_mode(vae)
+        account = describe(mode, apply_normalization(vae, mode, stats), stats)
+        return f"latent normalisation re-measured (decoder only), {account}", account
+    if "scaling_factor" in vae.config:
+        vae.register_to_config(scaling_factor=stats.scaling_factor)
+        return (
+            f"latent scaling factor {stats.scaling_factor:.5f} (1 / std over {stats.num_images} training images)",
+            None,
+        )
+    # AutoencoderKLFlux2: its pipelines normalise with the BN buffers, which no gradient and no forward pass of
+    # training touches (diffusers' forward does not call `bn` either): they are exported as they were loaded or
+    # initialised (mean 0, variance 1).
+    return (
+        f"latent 1 / std {stats.scaling_factor:.5f} over {stats.num_images} training images (not written: "
+        f"{type(vae).__name__} has no scaling_factor; its bn.running_mean / running_var are kept unchanged)",
+        None,
+    )
 
 
 def images_per_step(cfg: TrainConfig, accelerator: Accelerator) -> int:
@@ -187,17 +228,7 @@ def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, start
             generator=torch.Generator().manual_seed(cfg.seed),
         )
         name = type(vae).__name__
-        if "scaling_factor" in vae.config:
-            vae.register_to_config(scaling_factor=stats.scaling_factor)
-            scale = f"latent scaling factor {stats.scaling_factor:.5f} (1 / std over {stats.num_images} training images)"
-        else:
-            # AutoencoderKLFlux2: its pipelines normalise with the BN buffers, which no gradient and no forward pass
-            # of training touches (diffusers' forward does not call `bn` either): they are exported as they were
-            # loaded or initialised (mean 0, variance 1).
-            scale = (
-                f"latent 1 / std {stats.scaling_factor:.5f} over {stats.num_images} training images (not written: "
-                f"{name} has no scaling_factor; its bn.running_mean / running_var are kept unchanged)"
-            )
+        scale, normalisation = write_normalization(cfg, vae, stats)
         weights = "EMA" if ema is not None else "trained"
         card = training_card(
             cfg,
@@ -208,6 +239,7 @@ def finish(accelerator, cfg, vae, ema, data, step: int, val_metrics: dict, start
             validation=val_metrics,
             stats=stats,
             grid=copy_last_grid(Path(cfg.output_dir), final_dir),
+            normalisation=normalisation,
         )
         export_vae(
             vae,

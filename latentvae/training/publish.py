@@ -78,8 +78,10 @@ def training_card(
     validation: dict[str, float],
     stats: LatentStats,
     grid: str | None,
+    normalisation: str | None = None,
 ) -> CardInfo:
-    """The model card's account of a finished run (values as the config and the run's measurements hold them)."""
+    """The model card's account of a finished run (values as the config and the run's measurements hold them;
+    `normalisation`: how the latent normalisation constants were found, when not the scaling factor measured)."""
     latents = "the encoder outputs" if cfg.model == "vq" else "posterior samples"
     record = TrainingRecord(
         recipe=cfg.recipe,
@@ -102,7 +104,8 @@ def training_card(
         license=cfg.license,
         base_model=cfg.base_model or known_base_model(cfg.pretrained_model_name_or_path),
         repo_id=repo_id(cfg) if cfg.push_to_hub else None,
-        normalisation=f"scaling_factor = 1 / std of {latents} over {stats.num_images} training images "
+        normalisation=normalisation
+        or f"scaling_factor = 1 / std of {latents} over {stats.num_images} training images "
         f"({cfg.resolution} px center crops, seed {cfg.seed}), measured at the end of training",
         training=record,
     )
