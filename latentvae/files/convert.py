@@ -47,6 +47,18 @@ CODEBOOK_KEY = "quantize.embedding.weight"
 # The FLUX.2 VAE's latent statistics (BatchNorm2d buffers over patchified latents): the mark of an AutoencoderKLFlux2.
 BATCH_NORM_KEY = "bn.running_mean"
 
+# Keys of the diffusion transformer that mark a whole checkpoint's model family, as diffusers' single-file loader tells
+# them apart (`CHECKPOINT_KEY_NAMES` in diffusers/loaders/single_file_utils.py: "sd3", "sd35_large", "flux"); each
+# with and without the `model.diffusion_model.` prefix of ComfyUI-style whole checkpoints.
+FAMILY_MARKS = {
+    "SD3": (
+        "joint_blocks.0.context_block.adaLN_modulation.1.bias",  # SD3 / SD3.5 medium
+        "joint_blocks.37.x_block.mlp.fc1.weight",  # SD3.5 large
+    ),
+    "FLUX.1": ("double_blocks.0.img_attn.norm.key_norm.scale",),
+}
+_DIFFUSION_PREFIX = "model.diffusion_model."
+
 # Norm group counts tried, largest first, when the config has to be inferred from shapes (see `infer_config`).
 _GROUP_CANDIDATES = (32, 16, 8, 4, 2, 1)
 
@@ -322,3 +334,37 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> dict:
             "patch_size": [side, side],
         }
     return {"_class_name": "AutoencoderKL", **config}
+
+
+def released_family(keys: list[str], config: dict, layout: str, prefix: str) -> tuple[str | None, str]:
+    """The released model whose VAE a file without a config holds, for its normalisation constants: a 16-channel
+    `AutoencoderKL` without quant convs is FLUX.1's or SD3's (the same shape, other constants).
+
+    Told by the whole checkpoint's diffusion-transformer keys (`FAMILY_MARKS`, as diffusers tells them), else, for a
+    bare file with original-SD key names, FLUX.1: that is the layout of Black Forest Labs' `ae.safetensors` (SD3's
+    VAE ships as a diffusers folder or inside the whole checkpoint).
+
+    Args:
+        keys: every key of the file (the VAE's and the rest).
+        config: the config inferred from the VAE tensors (`infer_config`).
+        layout: the VAE keys' layout, `DIFFUSERS` or `LDM`; prefix: the VAE prefix removed ("" for a bare file).
+
+    Returns:
+        `(family, why)`: "FLUX.1" or "SD3" and the reason, or `(None, "")` when the file does not tell.
+    """
+    if (
+        config.get("_class_name") != "AutoencoderKL"
+        or config["latent_channels"] != 16
+        or config["use_quant_conv"]
+    ):
+        return None, ""
+    found = set(keys)
+    for family, marks in FAMILY_MARKS.items():
+        if any(mark in found or _DIFFUSION_PREFIX + mark in found for mark in marks):
+            return family, f"a whole {family} checkpoint (its transformer keys)"
+    if layout == LDM and not prefix:
+        return (
+            "FLUX.1",
+            "a bare 16-channel ldm-keyed file without quant convs: the layout of FLUX.1's ae.safetensors",
+        )
+    return None, ""

@@ -15,7 +15,9 @@ Accepted (the first match wins):
   `torch.load(weights_only=True)`; a top-level "state_dict" entry (Lightning / CompVis checkpoints) is unwrapped.
 
 The config comes from the safetensors metadata ("config", as `export_vae` writes it), else a VAE `config.json`
-in the same folder, else it is inferred from the tensor shapes (`latentvae.files.convert.infer_config`). Its
+in the same folder, else it is inferred from the tensor shapes (`latentvae.files.convert.infer_config`; a 16-channel
+VAE without quant convs then gets the normalisation constants of the released model it is told to come from,
+FLUX.1's or SD3's: `latentvae.files.convert.released_family`). Its
 `_class_name` picks the model: `AutoencoderKL`, `AutoencoderKLFlux2` (also inferred when the tensors hold the FLUX.2
 latent statistics, `bn.running_mean`) or `VQModel` (also inferred when the tensors hold a codebook,
 `quantize.embedding.weight`, e.g. a CompVis latent-diffusion vq-f4 checkpoint).
@@ -32,10 +34,18 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from latentvae.files.convert import DIFFUSERS, LDM, VAE_PREFIXES, infer_config, to_diffusers_layout
+from latentvae.files.convert import (
+    DIFFUSERS,
+    LDM,
+    VAE_PREFIXES,
+    infer_config,
+    released_family,
+    to_diffusers_layout,
+)
 from latentvae.files.export import CONFIG_METADATA_KEY, CONFIG_NAME, WEIGHTS_NAME
 from latentvae.models.autoencoder_kl import AutoencoderKL
 from latentvae.models.autoencoder_kl_flux2 import AutoencoderKLFlux2
+from latentvae.models.presets import RELEASED_CONSTANTS
 from latentvae.models.vq_model import VQModel
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -128,14 +138,15 @@ def _is_vae_config(config: dict) -> bool:
     return config.get("_class_name", "AutoencoderKL") in MODEL_CLASSES and "block_out_channels" in config
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """The VAE tensors, the metadata and every key of the file (a whole checkpoint's others tell its family)."""
     try:
         with safe_open(path, framework="pt") as f:
             keys = list(f.keys())
             # A whole SD checkpoint is gigabytes: read only the VAE tensors.
             prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in keys)), "")
             tensors = {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}
-            return tensors, f.metadata() or {}
+            return tensors, f.metadata() or {}, keys
     except SafetensorError as err:
         raise VAEFileError(f"{path} is not a readable safetensors file: {err}") from err
 
@@ -219,11 +230,11 @@ def read_vae(path: str | os.PathLike, *, allow_pickle: bool = False) -> VAEFile:
     metadata: dict[str, str] = {}
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        tensors, metadata = _read_safetensors(path)
+        tensors, metadata, keys = _read_safetensors(path)
         container = "safetensors"
     elif suffix in PICKLE_SUFFIXES:
         tensors = _read_pickle(path, allow_pickle)
-        container = f"pickle {suffix}"
+        keys, container = list(tensors), f"pickle {suffix}"
     else:
         raise VAEFileError(
             f"{path}: unknown VAE file type {suffix!r}; expected .safetensors or (with allow_pickle) "
@@ -241,6 +252,10 @@ def read_vae(path: str | os.PathLike, *, allow_pickle: bool = False) -> VAEFile:
             config, config_source = infer_config(state_dict), "inferred from tensor shapes"
         except ValueError as err:
             raise VAEFileError(f"{path}: {err}") from err
+        family, why = released_family(keys, config, layout, prefix)
+        if family is not None:  # not in the shapes, and what the family's diffusion models were trained with
+            config |= RELEASED_CONSTANTS[family]
+            config_source += f", with {family}'s released scaling_factor and shift_factor ({why})"
 
     if folder_kind is not None:
         file_format = folder_kind if layout != LDM else f"{folder_kind} with ldm keys"

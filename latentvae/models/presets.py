@@ -46,9 +46,15 @@ def _body(
 
 # The 16-channel VAEs of FLUX.1 and SD3 / SD3.5: the SD shape with 16 latent channels and no quant convs. Their
 # pipelines normalise latents as (z - shift_factor) * scaling_factor, with the released models' constants (their
-# diffusers configs) as the initial values here.
-_FLUX1 = {"shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False}
-_SD3 = {"shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False}
+# diffusers configs, vae/config.json of black-forest-labs/FLUX.1-dev and stabilityai/stable-diffusion-3-medium-diffusers)
+# as the initial values here; `load_vae` gives them to a file of such a VAE that comes without a config.
+RELEASED_CONSTANTS: dict[str, dict[str, float]] = {
+    "FLUX.1": {"scaling_factor": 0.3611, "shift_factor": 0.1159},
+    "SD3": {"scaling_factor": 1.5305, "shift_factor": 0.0609},
+}
+_NO_QUANT_CONVS = {"use_quant_conv": False, "use_post_quant_conv": False}
+_FLUX1 = {**RELEASED_CONSTANTS["FLUX.1"], **_NO_QUANT_CONVS}
+_SD3 = {**RELEASED_CONSTANTS["SD3"], **_NO_QUANT_CONVS}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -63,14 +69,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # For the CPU quickstart and tests: f8, 4 channels, about 1 M parameters.
     "tiny-kl-f8": _kl_preset((32, 64, 64, 64), 1, 4, norm_num_groups=16),
     # The FLUX.1 VAE (black-forest-labs/FLUX.1-dev, vae/): 34.3 M encoder + 49.5 M decoder parameters (83.8 M).
-    "flux1-kl-f8c16": _kl_preset(
-        (128, 256, 512, 512), 2, 16, sample_size=1024, scaling_factor=0.3611, **_FLUX1
-    ),
+    "flux1-kl-f8c16": _kl_preset((128, 256, 512, 512), 2, 16, sample_size=1024, **_FLUX1),
     # The SD3 / SD3.5 VAE (stabilityai/stable-diffusion-3-medium-diffusers, vae/): the same shape.
-    "sd3-kl-f8c16": _kl_preset((128, 256, 512, 512), 2, 16, sample_size=1024, scaling_factor=1.5305, **_SD3),
+    "sd3-kl-f8c16": _kl_preset((128, 256, 512, 512), 2, 16, sample_size=1024, **_SD3),
     # tiny-kl-f8's size with each family's latent and constants, for the CPU quickstart and tests.
-    "tiny-flux1-kl-f8c16": _kl_preset((32, 64, 64, 64), 1, 16, 16, scaling_factor=0.3611, **_FLUX1),
-    "tiny-sd3-kl-f8c16": _kl_preset((32, 64, 64, 64), 1, 16, 16, scaling_factor=1.5305, **_SD3),
+    "tiny-flux1-kl-f8c16": _kl_preset((32, 64, 64, 64), 1, 16, 16, **_FLUX1),
+    "tiny-sd3-kl-f8c16": _kl_preset((32, 64, 64, 64), 1, 16, 16, **_SD3),
 }
 
 # Constructor arguments for `AutoencoderKLFlux2` (offered by its `from_preset` and `train.py --model flux2`). Its

@@ -42,7 +42,16 @@ class TrainConfig:
         "(--model kl), latentvae.FLUX2_PRESETS (--model flux2) or latentvae.VQ_PRESETS (--model vq).",
     )
     decoder_only: bool = _f(
-        False, "Freeze the encoder (and quant_conv): fine-tune the decoder only, as Stability did."
+        False,
+        "Freeze the encoder (and quant_conv): fine-tune the decoder only, as Stability did. The latent space is "
+        "kept, and so are the loaded model's normalisation constants (scaling_factor, shift_factor, FLUX.2's BN "
+        "statistics), which its diffusion models were trained with, unless --remeasure_latent_normalization.",
+    )
+    remeasure_latent_normalization: bool = _f(
+        False,
+        "With --decoder_only: measure the latent normalisation on the training data at the end and write it, in "
+        "the latent family's convention (scale; FLUX.1 / SD3: shift_scale; FLUX.2: its BN statistics) (default: "
+        "keep the loaded constants); a diffusion model trained on the loaded constants then sees other latents.",
     )
     ema_decay: float = _f(0.0, "Keep an exponential moving average of the weights with this decay (0 = off).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
@@ -196,7 +205,7 @@ class TrainConfig:
         "per_channel (latents_mean / latents_std; SDXL pipelines then normalise per channel), batchnorm (FLUX.2: "
         "the bn statistics of 2x2-patchified latents, exact) or auto (the latent family's: batchnorm for a FLUX.2 "
         "VAE, shift_scale for one with a shift_factor or 16 channels without quant convs, else scale). A "
-        "--decoder_only run keeps the loaded constants unless this flag is given.",
+        "--decoder_only run keeps the loaded constants unless this flag is given (or --remeasure_latent_normalization).",
         choices=("auto", *MODES),
     )
     # -- model card and the Hub --
@@ -335,6 +344,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     if misplaced := sorted((explicit & set(other)) | changed):
         kind = "kl" if config.model == "vq" else "vq"
         raise SystemExit(f"only --model {kind} uses {', '.join('--' + n for n in misplaced)}")
+    if config.remeasure_latent_normalization and not config.decoder_only:
+        raise SystemExit(
+            "--remeasure_latent_normalization is for --decoder_only runs: a run that trains the encoder always "
+            "measures the latent normalisation at the end"
+        )
     if config.scale_lr and config.scale_lr_with_width:
         raise SystemExit(
             "--scale_lr and --scale_lr_with_width are two rules for one learning rate: choose one"

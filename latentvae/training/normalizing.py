@@ -4,7 +4,8 @@ measured across processes, and the constants written (`latentvae.evaluation.norm
 The mode is chosen, and checked against the model, before training starts: a mode the model cannot hold, or FLUX.2's
 batchnorm at a resolution that gives latents of odd size, stops the run at once instead of after it. A decoder-only
 fine-tune keeps the constants it was loaded with (its latent space is the loaded one, and so is the diffusion model
-trained on it) unless the flag is given on the command line.
+trained on it) unless asked: --remeasure_latent_normalization (the family's mode) or --latent_normalization given on
+the command line.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from latentvae.training.config import TrainConfig
 
 def chosen_mode(cfg: TrainConfig, explicit: set[str], vae: nn.Module) -> str | None:
     """The mode the run ends with (auto: the latent family's, `default_mode`), or None where the loaded constants are
-    kept (--decoder_only without an explicit --latent_normalization).
+    kept (--decoder_only without --remeasure_latent_normalization or an explicit --latent_normalization).
 
     Raises:
         ValueError: `vae` cannot hold the mode, or batchnorm at a resolution that gives odd latent sides.
     """
-    if cfg.decoder_only and "latent_normalization" not in explicit:
+    asked = cfg.remeasure_latent_normalization or "latent_normalization" in explicit
+    if cfg.decoder_only and not asked:
         return None
     mode = default_mode(vae) if cfg.latent_normalization == "auto" else cfg.latent_normalization
     check_mode(vae, mode)
@@ -76,7 +78,7 @@ def write_normalization(
         return (
             f"kept as loaded ({held or 'none'}): a --decoder_only fine-tune keeps the latent space and the constants "
             f"its diffusion model was trained with (measured now and not written: mean {stats.mean:.5g}, 1 / std "
-            f"{stats.scaling_factor:.5g} over {stats.num_images} images; --latent_normalization MODE writes them)"
+            f"{stats.scaling_factor:.5g} over {stats.num_images} images; --remeasure_latent_normalization writes them)"
         )
     written = apply_normalization(vae, mode, stats)
     noise = f"seed {cfg.seed}" + (f" + process index, {processes} processes" if processes > 1 else "")
