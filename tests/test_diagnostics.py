@@ -212,3 +212,48 @@ def test_diagnose_writes_json_markdown_and_plots_for_models_side_by_side(tmp_pat
     for name in ("kl_per_channel", "spectra", "drift", "probe_loss", "samples_a", "interpolation_second"):
         with Image.open(out / f"{name}.png") as image:
             assert image.format == "PNG" and image.width > 50
+
+
+def test_probe_sanity_script_measures_the_same_probe_and_an_exact_sign_flip(tmp_path):
+    """eval/probe_sanity.py: its plain runs are diagnose's probe with the same seed, and its sign-flipped VAE
+    reconstructs exactly what the VAE does (only the latents change)."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from latentvae import export_vae
+
+    root = Path(__file__).resolve().parents[1]
+    smooth_images(tmp_path, 10, size=64)
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_preset("tiny-kl-f8", sample_size=64).eval()
+    export_vae(vae, tmp_path / "vae")
+    out = tmp_path / "out"
+    command = [
+        sys.executable, str(root / "eval" / "probe_sanity.py"), "--vae", str(tmp_path / "vae"),
+        "--data_dir", str(tmp_path), "--resolution", "64", "--seeds", "0", "1", "--probe_steps", "3",
+        "--probe_images", "6", "--probe_val_images", "2", "--out", str(out),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    record = json.loads((out / "probe_sanity.json").read_text())
+    assert [row["seed"] for row in record["runs"]["sign_flipped"]] == [0, 1]
+    assert "sign_flipped" in (out / "probe_sanity.md").read_text()
+
+    settings = DiagnoseSettings(
+        resolution=64, probe_images=6, probe_val_images=2, grid_samples=1, probe=ProbeSettings(steps=3)
+    )
+    expected, _ = run_probe(vae, open_data(tmp_path, None), settings)
+    assert record["runs"]["plain"][0]["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+
+    spec = importlib.util.spec_from_file_location("probe_sanity", root / "eval" / "probe_sanity.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        plain_out, plain_mean = vae(x).sample, vae.encode(x).latent_dist.mean
+        flipped = script.sign_flipped(vae, 8, seed=1)
+        torch.testing.assert_close(flipped(x).sample, plain_out)
+        signs = flipped.encode(x).latent_dist.mean / plain_mean
+    torch.testing.assert_close(signs.abs(), torch.ones_like(signs))
+    assert (signs < 0).float().mean().item() == pytest.approx(0.5, abs=0.15)
