@@ -251,7 +251,10 @@ def test_kl_term_matches_torch_distributions():
 
 def test_the_gaussian_regulariser_returns_the_weighted_kl_and_a_sampled_reconstruction():
     model, x = tiny_autoencoder(), images()
-    recon, reg_loss, logs = GaussianAutoencoding(model, kl_weight=0.25)(x, torch.Generator().manual_seed(0))
+    recon, reg_loss, logs, aux = GaussianAutoencoding(model, kl_weight=0.25)(
+        x, torch.Generator().manual_seed(0)
+    )
+    assert aux == {}  # no latent-space regulariser asked for
     moments = model.encode(x).latent_dist.parameters
     mean, logvar = moments.chunk(2, dim=1)
     kl = kl_divergence(Normal(mean, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(dim=(1, 2, 3)).mean()

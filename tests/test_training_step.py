@@ -82,7 +82,7 @@ def test_lpips_gradient_reaches_the_encoder():
     # Oracle: the gradient of the LPIPS term alone, by hand: rec = pixel + LPIPS broadcast over (C, H, W), summed
     # over (C, H, W) and averaged over the batch -> C * H * W * mean_b LPIPS_b.
     step = tiny_train_step(gan=False)
-    recon, _, _ = step.model(batch(), generator=torch.Generator().manual_seed(1))
+    recon, _, _, _ = step.model(batch(), generator=torch.Generator().manual_seed(1))
     lpips_term = lpips(batch(), recon).mean() * recon[0].numel()
     (expected,) = torch.autograd.grad(lpips_term, step.vae.encoder.conv_in.weight)
     assert expected.abs().max() > 0
@@ -105,7 +105,7 @@ def test_autoencoder_step_leaves_the_discriminator_alone():
 def test_discriminator_step_leaves_autoencoder_gradients_untouched():
     step = tiny_train_step()
     critic = step.accelerator.unwrap_model(step.discriminator)
-    recon, _, _ = step.model(batch(), generator=torch.Generator().manual_seed(1))  # with its graph
+    recon, _, _, _ = step.model(batch(), generator=torch.Generator().manual_seed(1))  # with its graph
     grads = {name: torch.randn_like(p) for name, p in step.vae.named_parameters()}
     for name, p in step.vae.named_parameters():
         p.grad = grads[name].clone()
@@ -138,7 +138,7 @@ def test_accumulation_steps_both_optimizers_once_per_two_batches():
     # computed without Accelerate. Summing instead of averaging, or stepping on one batch, would miss it.
     model, grads = GaussianAutoencoding(vae_copy), []
     for images, seed in ((batch(0), 1), (batch(1), 2)):
-        recon, kl_loss, _ = model(images, torch.Generator().manual_seed(seed))
+        recon, kl_loss, _, _ = model(images, torch.Generator().manual_seed(seed))
         loss, _ = step.loss_fn.autoencoder_loss(
             images, recon, 0, last_layer=vae_copy.decoder.conv_out.weight, discriminator=critic_copy
         )

@@ -65,7 +65,7 @@ def train(model: VQAutoencoding, batches: list[torch.Tensor], lr: float = 2e-3) 
     optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.99))
     history = []
     for step, images in enumerate(batches):
-        recon, vq_loss, vq_logs = model(images)
+        recon, vq_loss, vq_logs, _ = model(images)
         loss, logs = loss_fn.autoencoder_loss(images, recon, step)
         (loss + vq_loss).backward()
         optimizer.step()
@@ -121,7 +121,7 @@ def test_quantiser_loss_keeps_the_balance_of_taming_vqlpips():
     over C, H, W, so the whole VQ objective must be exactly C*H*W times taming's."""
     vae = tiny_vq()
     images = smooth_batches(1)[0]
-    recon, vq_loss, logs = VQAutoencoding(vae, codebook_weight=0.7).train()(images)
+    recon, vq_loss, logs, _ = VQAutoencoding(vae, codebook_weight=0.7).train()(images)
     loss_fn = AutoencoderLoss(perceptual_weight=0.0, disc_weight=0.0, recon_loss="l1")
     nll, _ = loss_fn.autoencoder_loss(images, recon, 0)
     # taming's vq_loss, from its parts: codebook + beta x commitment (the paper's weighting, beta 0.25)
@@ -134,7 +134,7 @@ def test_the_gan_path_trains_through_the_quantiser():
     images = smooth_batches(1)[0]
     discriminator = NLayerDiscriminator(n_layers=1, ndf=8)
     loss_fn = AutoencoderLoss(perceptual_weight=0.0, disc_weight=0.75, disc_start=0)
-    recon, vq_loss, _ = VQAutoencoding(vae).train()(images)
+    recon, vq_loss, _, _ = VQAutoencoding(vae).train()(images)
     loss, logs = loss_fn.autoencoder_loss(
         images, recon, 0, last_layer=vae.decoder.conv_out.weight, discriminator=discriminator
     )
@@ -170,7 +170,7 @@ def _accelerated_run(
         if resume:
             accelerator.load_state(str(checkpoint_dir))
         for step, images in enumerate(batches):
-            recon, vq_loss, _ = model(images)
+            recon, vq_loss, _, _ = model(images)
             loss, _ = loss_fn.autoencoder_loss(images, recon, step)
             accelerator.backward(loss + vq_loss)
             optimizer.step()

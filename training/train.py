@@ -56,9 +56,16 @@ from latentvae.training.losses import AutoencoderLoss
 from latentvae.training.normalizing import chosen_mode, measure_statistics, write_normalization
 from latentvae.training.publish import copy_last_grid, push_training, training_card
 from latentvae.training.recipes import width_scaled_lr
+from latentvae.training.regularizers import regularized
 from latentvae.training.signals import PreemptionHandler, ignore_stop_signals
 from latentvae.training.step import NonFiniteGuard, NonFiniteTrainingError, TrainStep
-from latentvae.training.validation import grid_images, reconstruction_grid, save_grid, validate
+from latentvae.training.validation import (
+    grid_images,
+    latent_space_metrics,
+    reconstruction_grid,
+    save_grid,
+    validate,
+)
 
 logger = get_logger("latentvae.train", log_level="INFO")
 
@@ -117,9 +124,12 @@ def checkpoint(accelerator, cfg, vae, data, step: int) -> Path:
     )
 
 
-def run_validation(accelerator, cfg, vae, ema, val_set, grid_set, perceptual, step: int) -> dict[str, float]:
+def run_validation(
+    accelerator, cfg, vae, ema, val_set, grid_set, perceptual, step: int, anchor=None
+) -> dict[str, float]:
     """PSNR / SSIM / colour scores (/ LPIPS) on the validation crops and a grid of whole, colourful validation
-    images, with EMA weights when EMA is on (main process)."""
+    images, with EMA weights when EMA is on (main process); with a latent-space regulariser on, or a fine-tune
+    that trains the encoder (`anchor`: its frozen start), the equivariance PSNRs and the latent drift too."""
     metrics: dict[str, float] = {}
     if accelerator.is_main_process:
         if ema is not None:
@@ -131,12 +141,16 @@ def run_validation(accelerator, cfg, vae, ema, val_set, grid_set, perceptual, st
             grid = reconstruction_grid(vae, grid_set)
             if accelerator.trackers:  # per-channel KL and active units (latentvae diagnose) for the tracker
                 health = latent_health_scalars(vae, (b["pixel_values"] for b in loader))
+            latent = {}
+            if anchor is not None or regularized(cfg):
+                latent = latent_space_metrics(vae, (b["pixel_values"] for b in loader), anchor)
         if ema is not None:
             ema.restore(vae.parameters())
         path = save_grid(grid, Path(cfg.output_dir) / "validation" / f"step-{step:07d}.png")
         accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
         if accelerator.trackers:
             accelerator.log({f"val/{k}": v for k, v in health.items()}, step=step)
+        accelerator.log({f"val/{k}": v for k, v in latent.items()}, step=step)
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("val/input|reconstruction|error", grid, step)
@@ -145,6 +159,11 @@ def run_validation(accelerator, cfg, vae, ema, val_set, grid_set, perceptual, st
             f"SSIM {metrics['ssim']:.4f}, colourfulness ratio {metrics['colourfulness_ratio']:.3f} ({path})",
             main_process_only=True,
         )
+        if latent:
+            logger.info(
+                f"step {step}: " + ", ".join(f"{k.replace('/', ' ')} {v:.4g}" for k, v in latent.items()),
+                main_process_only=True,
+            )
     accelerator.wait_for_everyone()
     return metrics
 
@@ -260,12 +279,15 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
         learn_logvar=cfg.learn_logvar,
         disc_weight=cfg.disc_weight,
         disc_start=cfg.disc_start,
+        align_weight=cfg.align_weight,
+        align_adaptive=cfg.align_adaptive,
     ).to(accelerator.device)
     steps_per_epoch = data.batches.steps_per_epoch  # None for a stream, which needs --max_train_steps
     max_steps = (
         cfg.max_train_steps if cfg.max_train_steps is not None else cfg.num_train_epochs * steps_per_epoch
     )
     training_state = model.training_state()  # e.g. a VQ codebook's EMA statistics, outside the state_dict
+    anchor = getattr(model, "anchor", None)  # a fine-tune's frozen start, for the latent drift
     model, opt_ae, sched_ae, critic, opt_d, sched_d = build_optimizers(
         accelerator, cfg, model, loss_fn, max_steps, lr_for(cfg, accelerator, vae)
     )
@@ -332,7 +354,7 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Path:
                 log_step(global_step, logs)
             if global_step % cfg.validation_steps == 0 or last:
                 val_metrics = run_validation(
-                    accelerator, cfg, vae, ema, val_set, grid_set, perceptual, global_step
+                    accelerator, cfg, vae, ema, val_set, grid_set, perceptual, global_step, anchor
                 )
             stop = preemption.stop_requested(accelerator)  # a SIGTERM / SIGINT reached some process
             # Never right after a non-finite step: weights that cause NaN must not push out the good checkpoints.

@@ -230,7 +230,7 @@ def run_training(ctx: Context) -> dict:
     def step(name: str, autocast: bool, x: Tensor) -> None:
         model = models[name]
         with torch.autocast(ctx.device.type, low_dtype(ctx.device)) if autocast else nullcontext():
-            recon, kl_loss, _ = GaussianAutoencoding(model)(x, torch.Generator(ctx.device).manual_seed(0))
+            recon, kl_loss, _, _ = GaussianAutoencoding(model)(x, torch.Generator(ctx.device).manual_seed(0))
             last_layer = model.decoder.conv_out.weight
             loss, _ = loss_fn.autoencoder_loss(x, recon, 0, last_layer=last_layer, discriminator=critic)
             loss = loss + kl_loss

@@ -16,6 +16,7 @@ from latentvae.data.loaders import DataSettings
 from latentvae.evaluation.normalization import MODES
 from latentvae.models.presets import FLUX2_PRESETS, PRESETS, VQ_PRESETS
 from latentvae.training.recipes import RECIPES
+from latentvae.training.regularizers import RegularizerSettings
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -23,7 +24,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RegularizerSettings):
     # -- model --
     model: str = _f(
         "kl",
@@ -253,6 +254,40 @@ DEFAULT_PRESETS = {"vq": "vq-f4", "flux2": "flux2-kl-f8c32"}
 MODEL_PRESETS = {"kl": PRESETS, "flux2": FLUX2_PRESETS, "vq": VQ_PRESETS}
 
 
+def check_regularizer_flags(config: TrainConfig) -> None:
+    """Regulariser flags that cannot act on this run stop it (`SystemExit` naming the flag)."""
+    try:
+        config.check_regularizers()
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    encoder_terms = [
+        flag
+        for flag, on in (
+            ("--latent_anchor_weight", config.latent_anchor_weight > 0),
+            ("--align_model", config.align_model),
+        )
+        if on
+    ]
+    if encoder_terms and config.model == "vq":
+        raise SystemExit(
+            f"{' and '.join(encoder_terms)} regularise a Gaussian latent: use --model kl or flux2"
+        )
+    if encoder_terms and config.decoder_only:
+        raise SystemExit(
+            f"{' and '.join(encoder_terms)} act on the encoder, which --decoder_only freezes (its latent drift is "
+            "zero by construction)"
+        )
+    if config.recipe == "eq-finetune" and not config.pretrained_model_name_or_path:
+        raise SystemExit(
+            "--recipe eq-finetune fine-tunes an existing VAE: give it with --pretrained_model_name_or_path"
+        )
+    if config.latent_anchor_weight > 0 and not config.pretrained_model_name_or_path:
+        raise SystemExit(
+            "--latent_anchor_weight anchors the latents to the starting model's: give it with "
+            "--pretrained_model_name_or_path"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train an SD-style autoencoder (KL, or VQ with --model vq) with Accelerate: "
@@ -349,6 +384,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
             "--remeasure_latent_normalization is for --decoder_only runs: a run that trains the encoder always "
             "measures the latent normalisation at the end"
         )
+    check_regularizer_flags(config)
     if config.scale_lr and config.scale_lr_with_width:
         raise SystemExit(
             "--scale_lr and --scale_lr_with_width are two rules for one learning rate: choose one"

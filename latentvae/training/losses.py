@@ -10,13 +10,21 @@ detached scalar tensors (call `.item()` when logging, not every step on the GPU'
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from latentvae.models.discriminator import D_LOSSES
+from latentvae.training.alignment import adaptive_align_weight
+from latentvae.training.regularizers import pixel_ratio
 
 PIXEL_LOSSES = ("mse", "l1")
+IMAGE_TERMS = ("equivariance", "lowpass")  # auxiliary reconstructions, scored like the main one
+MIN_PERCEPTUAL_SIZE = (
+    32  # pixels: LPIPS' VGG, AlexNet and SqueezeNet backbones pool smaller images to nothing
+)
 
 
 def adaptive_gan_weight(
@@ -37,10 +45,7 @@ def adaptive_gan_weight(
     Returns:
         `Tensor`: detached scalar lambda.
     """
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
-    return weight.clamp(0.0, max_weight).detach()
+    return adaptive_align_weight(nll_loss, g_loss, last_layer, max_weight)  # the same gradient-norm ratio
 
 
 class AutoencoderLoss(nn.Module):
@@ -78,6 +83,8 @@ class AutoencoderLoss(nn.Module):
         disc_factor (`float`): multiplies both the generator and the discriminator loss once active.
         disc_loss (`str`): discriminator loss, `"hinge"` or `"vanilla"`.
         max_adaptive_weight (`float`): clamp of the adaptive weight.
+        align_weight (`float`): weight of the alignment (VF) loss when the model returns one (VA-VAE: 0.1).
+        align_adaptive (`bool`): times VA-VAE's adaptive weight (gradient-norm ratio at the encoder's last layer).
     """
 
     def __init__(
@@ -92,6 +99,8 @@ class AutoencoderLoss(nn.Module):
         disc_factor: float = 1.0,
         disc_loss: str = "hinge",
         max_adaptive_weight: float = 1e4,
+        align_weight: float = 0.1,
+        align_adaptive: bool = True,
     ):
         super().__init__()
         if recon_loss not in PIXEL_LOSSES:
@@ -118,6 +127,7 @@ class AutoencoderLoss(nn.Module):
         self.disc_factor = disc_factor
         self.d_loss_fn = D_LOSSES[disc_loss]
         self.max_adaptive_weight = max_adaptive_weight
+        self.align_weight, self.align_adaptive = align_weight, align_adaptive
         # Keep the frozen LPIPS weights out of checkpoints: they are constants that build_lpips restores.
         self.register_state_dict_post_hook(_drop_perceptual_keys)
         self.register_load_state_dict_pre_hook(_fill_perceptual_keys)
@@ -158,8 +168,11 @@ class AutoencoderLoss(nn.Module):
         *,
         last_layer: Tensor | None = None,
         discriminator: nn.Module | None = None,
+        auxiliary: dict[str, Any] | None = None,
+        align_layer: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The autoencoder's reconstruction loss: NLL (+ lambda * disc_factor * generator loss once active).
+        """The autoencoder's reconstruction loss: NLL (+ lambda * disc_factor * generator loss once active), plus
+        the auxiliary terms of the latent-space regularisers (`latentvae.training.regularizers`).
 
         Args:
             inputs (`Tensor`): images in [-1, 1], `(B, C, H, W)`.
@@ -173,46 +186,47 @@ class AutoencoderLoss(nn.Module):
                 here): zero them before the discriminator's own backward. Under DDP pass the unwrapped module
                 here (those gradients are discarded, so there is nothing to all-reduce) and the wrapped one to
                 `discriminator_loss`.
+            auxiliary (`dict`, *optional*): the model's `aux` output: `"equivariance"` / `"lowpass"` pairs
+                `(prediction, target, weight)`, scored with this NLL (scaled by the pixel-count ratio, never the
+                GAN), and `"align"`, `(vf_loss, logs)`, added with `align_weight` (times VA-VAE's adaptive weight).
+            align_layer (`Tensor`, *optional*): the encoder's last weight, for the alignment's adaptive weight.
 
         Returns:
             `tuple[Tensor, dict[str, Tensor]]`: the scalar loss and detached logs: `loss`, `pixel_loss` and
             `rec_loss` (per-element means), `perceptual_loss` (mean LPIPS), `nll_loss` (the summed NLL that enters
             the loss), `logvar`, and once the discriminator is
-            active `g_loss` and `d_weight` (lambda including `disc_weight`; 0 when gradients are disabled).
+            active `g_loss` and `d_weight` (lambda including `disc_weight`; 0 when gradients are disabled); with
+            auxiliary terms `equivariance_loss`, `lowpass_loss`, `align_loss`, `align_weight`, `align_cos`.
         """
-        if inputs.shape != reconstructions.shape:
-            raise ValueError(
-                f"inputs {tuple(inputs.shape)} and reconstructions {tuple(reconstructions.shape)} differ"
-            )
-        # Losses in fp32 even under autocast: the sums below run over ~1e5 elements per image.
-        inputs, reconstructions = inputs.float(), reconstructions.float()
-        batch_size = inputs.shape[0]
-        logs: dict[str, Tensor] = {}
-
-        error = inputs - reconstructions
-        if self.chroma_weight != 1.0 and error.shape[1] == 3:
-            grey = error.mean(dim=1, keepdim=True)
-            error = grey + (error - grey) * self.chroma_weight**0.5
-        rec = error.pow(2) if self.recon_loss == "mse" else error.abs()
-        logs["pixel_loss"] = rec.mean()
-        if self.perceptual_loss is not None:
-            # Gradients must reach the decoder and encoder through LPIPS: no torch.no_grad() here.
-            p_loss = self.perceptual_loss(inputs, reconstructions).float()  # (B, 1, 1, 1)
-            rec = rec + self.perceptual_weight * p_loss
-            logs["perceptual_loss"] = p_loss.mean()
-        logs["rec_loss"] = rec.mean()
-
-        # Gaussian decoder likelihood with a scalar learned variance: nll = rec / sigma^2 + log sigma^2
-        nll = rec / torch.exp(self.logvar) + self.logvar
-        nll_loss = nll.sum() / batch_size
+        nll_loss, logs = self.nll(inputs, reconstructions)
         loss = nll_loss
-        logs["nll_loss"] = nll_loss
         logs["logvar"] = self.logvar
+        aux = auxiliary or {}
+        for name in IMAGE_TERMS:
+            if name in aux:
+                prediction, target, weight = aux[name]
+                # Summed over fewer pixels than the main term: scaled so a pixel of T(x) weighs what one of x does.
+                # LPIPS' backbones need 32 px or more: a smaller T(x) is scored by its pixel loss alone.
+                perceptual = min(target.shape[-2:]) >= MIN_PERCEPTUAL_SIZE
+                term = self.nll(target, prediction, perceptual=perceptual)[0] * pixel_ratio(inputs, target)
+                loss = loss + weight * term
+                logs[f"{name}_loss"] = term
+        if "align" in aux:
+            align_loss, align_logs = aux["align"]
+            weight = torch.tensor(self.align_weight, device=loss.device)
+            if self.align_adaptive and torch.is_grad_enabled():
+                if align_layer is None:
+                    raise ValueError(
+                        "align_layer (e.g. encoder.conv_out.weight) is needed for the adaptive weight"
+                    )
+                weight = weight * adaptive_align_weight(nll_loss, align_loss, align_layer)
+            loss = loss + weight * align_loss
+            logs.update(align_logs, align_loss=align_loss, align_weight=weight)
 
         if self.discriminator_active(global_step):
             if discriminator is None:
                 raise ValueError(f"the discriminator is active at step {global_step} but none was passed")
-            g_loss = -discriminator(reconstructions).float().mean()  # generator loss: -E[D(x_hat)]
+            g_loss = -discriminator(reconstructions.float()).float().mean()  # generator loss: -E[D(x_hat)]
             if torch.is_grad_enabled():
                 if last_layer is None:
                     raise ValueError(
@@ -229,6 +243,37 @@ class AutoencoderLoss(nn.Module):
 
         logs["loss"] = loss
         return loss, {key: value.detach() for key, value in logs.items()}
+
+    def nll(
+        self, inputs: Tensor, reconstructions: Tensor, perceptual: bool = True
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The NLL (pixel + LPIPS unless `perceptual` is False, the learned variance), summed over C, H, W and
+        averaged over the batch, with its graph; and logs `pixel_loss`, `rec_loss` (per-element means),
+        `perceptual_loss`, `nll_loss`."""
+        if inputs.shape != reconstructions.shape:
+            raise ValueError(
+                f"inputs {tuple(inputs.shape)} and reconstructions {tuple(reconstructions.shape)} differ"
+            )
+        # Losses in fp32 even under autocast: the sums below run over ~1e5 elements per image.
+        inputs, reconstructions = inputs.float(), reconstructions.float()
+        logs: dict[str, Tensor] = {}
+        error = inputs - reconstructions
+        if self.chroma_weight != 1.0 and error.shape[1] == 3:
+            grey = error.mean(dim=1, keepdim=True)
+            error = grey + (error - grey) * self.chroma_weight**0.5
+        rec = error.pow(2) if self.recon_loss == "mse" else error.abs()
+        logs["pixel_loss"] = rec.mean()
+        if self.perceptual_loss is not None and perceptual:
+            # Gradients must reach the decoder and encoder through LPIPS: no torch.no_grad() here.
+            p_loss = self.perceptual_loss(inputs, reconstructions).float()  # (B, 1, 1, 1)
+            rec = rec + self.perceptual_weight * p_loss
+            logs["perceptual_loss"] = p_loss.mean()
+        logs["rec_loss"] = rec.mean()
+        # Gaussian decoder likelihood with a scalar learned variance: nll = rec / sigma^2 + log sigma^2
+        nll = rec / torch.exp(self.logvar) + self.logvar
+        nll_loss = nll.sum() / inputs.shape[0]
+        logs["nll_loss"] = nll_loss
+        return nll_loss, logs
 
     def discriminator_loss(
         self, inputs: Tensor, reconstructions: Tensor, discriminator: nn.Module, global_step: int

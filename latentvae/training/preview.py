@@ -167,7 +167,7 @@ def teacher_targets(
 
 
 class PreviewDistillation(Autoencoding):
-    """`forward(images, generator=None, latents=z_n, latent_means=mu_n) -> (tiny.decode(z_n), L_enc, logs)`.
+    """`forward(images, generator=None, latents=z_n, latent_means=mu_n) -> (tiny.decode(z_n), L_enc, logs, {})`.
 
     With `encoder_weight` 0 the encoder is frozen (and not run), so DDP sees no unused trainable parameter.
     """
@@ -189,15 +189,15 @@ class PreviewDistillation(Autoencoding):
         generator: torch.Generator | None = None,
         latents: Tensor | None = None,
         latent_means: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict]:
         # `generator`: the teacher's posterior noise was drawn before; the student draws nothing.
         preview = self.vae.decode(latents).sample
         if self.encoder_weight == 0:
             zero = torch.zeros((), device=images.device)
-            return preview, zero, {"encoder_loss": zero}
+            return preview, zero, {"encoder_loss": zero}, {}
         predicted = self.vae.encode(images).latents  # (B, latent_channels, h, w)
         encoder_loss = (predicted.float() - latent_means.float()).square().sum() / images.shape[0]
-        return preview, self.encoder_weight * encoder_loss, {"encoder_loss": encoder_loss.detach()}
+        return preview, self.encoder_weight * encoder_loss, {"encoder_loss": encoder_loss.detach()}, {}
 
 
 @torch.no_grad()

@@ -85,6 +85,18 @@ RECIPES: dict[str, dict[str, Any]] = {
         lr_warmup_steps=50,
         perceptual_weight=0.0,
     ),
+    # EQ-VAE's fine-tune of an existing VAE (zelaki/eqvae, train_eqvae/configs/eqvae_config.yaml and
+    # ldm/models/autoencoder.py): the SD kl-f8 loss and optimiser (lr 4.5e-6 per image, Adam 0.5/0.9), the GAN from
+    # step 0, encoder and decoder trained; on half the batches a random downscale by 8/32..31/32 and a rotation by
+    # 90/180/270 degrees. EQ-VAE replaces that batch's reconstruction by the transformed one; here it is added to
+    # it with weight 1. Five epochs, as theirs on OpenImages. Needs --pretrained_model_name_or_path.
+    "eq-finetune": dict(
+        equivariance_prob=0.5,
+        equivariance_scales="0.25,0.97",
+        equivariance_rotations=True,
+        disc_start=0,
+        num_train_epochs=5,
+    ),
     # LDM's vq-f4 first stage (models/first_stage_models/vq-f4/config.yaml): taming's VQLPIPSWithDiscriminator
     # with L1 + LPIPS, codebook weight 1.0, discriminator weight 0.75 from step 0, base lr 4.5e-6 per image.
     # LDM's vq-f4 loss: L1 + LPIPS, the GAN from step 0 at 0.75, and taming's quantiser weighting (legacy=True).

@@ -1,7 +1,7 @@
 """One training step of the autoencoder under Accelerate: the autoencoder update, then the discriminator update.
 
-    autoencoder:    x -> DDP(encode, regularise the latent, decode) -> (x_hat, L_reg)
-                    L_ae = AutoencoderLoss(x, x_hat) + L_reg -> backward -> clip -> step
+    autoencoder:    x -> DDP(encode, regularise the latent, decode) -> (x_hat, L_reg, aux)
+                    L_ae = AutoencoderLoss(x, x_hat, aux) + L_reg -> backward -> clip -> step
                     (L_reg: the KL of a Gaussian latent or the quantiser loss of a VQ one; `latentvae.training
                     .autoencoding`)
     discriminator:  (x, x_hat.detach()) -> DDP(D) -> L_d -> backward -> step
@@ -141,7 +141,7 @@ class TrainStep:
         """
         gan_on = self.gan_active(global_step)
         critic = self.accelerator.unwrap_model(self.discriminator) if gan_on else None
-        recon, reg_loss, reg_logs = self.model(images, generator=generator, **(model_inputs or {}))
+        recon, reg_loss, reg_logs, aux = self.model(images, generator=generator, **(model_inputs or {}))
         with frozen(critic):
             with self.accelerator.autocast():
                 loss, logs = self.loss_fn.autoencoder_loss(
@@ -150,6 +150,8 @@ class TrainStep:
                     global_step,
                     last_layer=self.autoencoding.last_layer() if gan_on else None,
                     discriminator=critic,
+                    auxiliary=aux,
+                    align_layer=self.autoencoding.encoder_last_layer() if "align" in aux else None,
                 )
                 loss = loss + reg_loss
                 logs.update(reg_logs, loss=loss.detach())

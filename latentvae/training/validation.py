@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid, save_image
 
 from latentvae.data.images import BadImageError, ImageSource, load_rgb, to_tensor
+from latentvae.evaluation.artefacts import equivariance
 from latentvae.evaluation.colour import colour_scores, colourfulness
+from latentvae.evaluation.latent_health import denormalise_latents
 from latentvae.evaluation.metrics import psnr, ssim, to_uint8
 
 
@@ -52,6 +54,39 @@ def validate(
     metrics = {name: finite_mean(v) for name, v in values.items()}
     metrics["num_images"] = len(values["psnr"])
     return metrics
+
+
+@torch.no_grad()
+def latent_space_metrics(
+    vae: nn.Module, batches: Iterable[Tensor], anchor: nn.Module | None = None
+) -> dict[str, float]:
+    """The regularisers' view of the validation images: equivariance PSNR (`latentvae diagnose`'s: decode(T(z))
+    against T(x), T = 2x / 4x downscale and a 90-degree turn) and, with `anchor` (the frozen starting model of a
+    fine-tune), the latent drift: the mean squared difference of normalised posterior means per element, and the
+    PSNR of decoding the starting model's latents with the current decoder (a diffusion model trained on the
+    starting latents sees this decoder's output).
+
+    Returns:
+        `{"equivariance/<T>": dB, ...}` (+ `"latent_drift_mse"`, `"latent_drift_psnr"`), means over the images.
+    """
+    was_training = vae.training
+    vae.eval()
+    scores: dict[str, list[Tensor]] = {}
+    for images in batches:
+        images = images.to(vae.device, vae.dtype)
+        for name, values in equivariance(vae, to_uint8(images.float()).to(vae.dtype)).items():
+            if name != "none":
+                scores.setdefault(f"equivariance/{name}", []).append(torch.tensor(values))
+        if anchor is not None:
+            start = anchor(images)  # normalised posterior means of the starting model
+            mean = anchor.normalise(vae.encode(images).latent_dist.mean)
+            scores.setdefault("latent_drift_mse", []).append((mean - start).pow(2).flatten(1).mean(1).cpu())
+            decoded = vae.decode(denormalise_latents(anchor.start, start).to(vae.dtype)).sample.float()
+            scores.setdefault("latent_drift_psnr", []).append(
+                psnr(to_uint8(images.float()), to_uint8(decoded.clamp(-1, 1))).cpu()
+            )
+    vae.train(was_training)
+    return {name: finite_mean(torch.cat(parts)) for name, parts in scores.items()}
 
 
 def finite_mean(values: Tensor) -> float:
