@@ -37,6 +37,7 @@ from latentvae.data.shards import (
 )
 from latentvae.data.skips import BadDataMonitor, SkipLog, too_many_bad_images
 from latentvae.data.sources import load_image_data
+from latentvae.data.synthetic import colour_images
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class DataSettings:
     center_crop: bool = False
     random_flip: bool = True
     random_hue: float = 0.0
+    synthetic_colour_images: int = 0
     cache_images: bool = False
     max_bad_fraction: float = 0.1
     dataloader_num_workers: int = 0
@@ -251,8 +253,18 @@ def build_training_data(
             seed=cfg.seed,
             max_bad_fraction=cfg.max_bad_fraction,
         )
+    train = data.train
+    if cfg.synthetic_colour_images > 0:
+        if cfg.dataset_name:
+            raise ValueError(
+                "--synthetic_colour_images adds images to a folder or the bundled photographs, not to --dataset_name"
+            )
+        train = [*train, *colour_images(cfg.synthetic_colour_images, seed=cfg.seed)]
+        data.description += (
+            f" Plus {cfg.synthetic_colour_images} synthetic colour images (--synthetic_colour_images)."
+        )
     crops = ImageDataset(
-        data.train,
+        train,
         cfg.resolution,
         True,
         data.skip_log,

@@ -12,8 +12,7 @@ Vision Foundation Model Aligned Latent Diffusion Models"; code: hustvl/Lightning
 with w the encoder's last weight (`encoder.conv_out.weight`). The margins m1, m2 stop pulling once a position (or a
 pair) is close enough, which leaves the latent room for reconstruction.
 
-transformers is needed only by `load_align_model` (it is an optional dependency of this package), so it is imported
-there.
+transformers is imported by `load_align_model` only (it takes seconds to import, and only alignment needs it).
 """
 
 from __future__ import annotations

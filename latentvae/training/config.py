@@ -16,7 +16,7 @@ from latentvae.data.loaders import DataSettings
 from latentvae.evaluation.normalization import MODES
 from latentvae.models.presets import FLUX2_PRESETS, PRESETS, VQ_PRESETS
 from latentvae.training.recipes import RECIPES
-from latentvae.training.regularizers import RegularizerSettings
+from latentvae.training.regularizers import RegularizerSettings, check_regularizer_flags
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -84,6 +84,11 @@ class TrainConfig(RegularizerSettings):
         0.0,
         "Rotate each training crop's hue by a random fraction of the colour circle in [-h, h] (torchvision "
         "ColorJitter's hue, at most 0.5): keeps chroma in the latent when the training set is small or uniform.",
+    )
+    synthetic_colour_images: int = _f(
+        0,
+        "Add this many generated images of every hue (smooth HSV fields, saturated shapes; "
+        "latentvae.data.synthetic) to the training images: colour the training photos lack (0 = none).",
     )
     train_shards: str | None = _f(
         None,
@@ -252,40 +257,6 @@ KL_ONLY = ("kl_weight",)
 DEFAULT_PRESETS = {"vq": "vq-f4", "flux2": "flux2-kl-f8c32"}
 # The shapes each kind builds from scratch (`--model_preset`).
 MODEL_PRESETS = {"kl": PRESETS, "flux2": FLUX2_PRESETS, "vq": VQ_PRESETS}
-
-
-def check_regularizer_flags(config: TrainConfig) -> None:
-    """Regulariser flags that cannot act on this run stop it (`SystemExit` naming the flag)."""
-    try:
-        config.check_regularizers()
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
-    encoder_terms = [
-        flag
-        for flag, on in (
-            ("--latent_anchor_weight", config.latent_anchor_weight > 0),
-            ("--align_model", config.align_model),
-        )
-        if on
-    ]
-    if encoder_terms and config.model == "vq":
-        raise SystemExit(
-            f"{' and '.join(encoder_terms)} regularise a Gaussian latent: use --model kl or flux2"
-        )
-    if encoder_terms and config.decoder_only:
-        raise SystemExit(
-            f"{' and '.join(encoder_terms)} act on the encoder, which --decoder_only freezes (its latent drift is "
-            "zero by construction)"
-        )
-    if config.recipe == "eq-finetune" and not config.pretrained_model_name_or_path:
-        raise SystemExit(
-            "--recipe eq-finetune fine-tunes an existing VAE: give it with --pretrained_model_name_or_path"
-        )
-    if config.latent_anchor_weight > 0 and not config.pretrained_model_name_or_path:
-        raise SystemExit(
-            "--latent_anchor_weight anchors the latents to the starting model's: give it with "
-            "--pretrained_model_name_or_path"
-        )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -104,6 +104,40 @@ class RegularizerSettings:
             raise ValueError(f"--latent_lowpass_factor must be >= 2, got {self.latent_lowpass_factor}")
 
 
+def check_regularizer_flags(config: Any) -> None:
+    """Regulariser flags that cannot act on this run (a `TrainConfig`) stop it (`SystemExit` naming the flag)."""
+    try:
+        config.check_regularizers()
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    encoder_terms = [
+        flag
+        for flag, on in (
+            ("--latent_anchor_weight", config.latent_anchor_weight > 0),
+            ("--align_model", config.align_model),
+        )
+        if on
+    ]
+    if encoder_terms and config.model == "vq":
+        raise SystemExit(
+            f"{' and '.join(encoder_terms)} regularise a Gaussian latent: use --model kl or flux2"
+        )
+    if encoder_terms and config.decoder_only:
+        raise SystemExit(
+            f"{' and '.join(encoder_terms)} act on the encoder, which --decoder_only freezes (its latent drift is "
+            "zero by construction)"
+        )
+    if config.recipe == "eq-finetune" and not config.pretrained_model_name_or_path:
+        raise SystemExit(
+            "--recipe eq-finetune fine-tunes an existing VAE: give it with --pretrained_model_name_or_path"
+        )
+    if config.latent_anchor_weight > 0 and not config.pretrained_model_name_or_path:
+        raise SystemExit(
+            "--latent_anchor_weight anchors the latents to the starting model's: give it with "
+            "--pretrained_model_name_or_path"
+        )
+
+
 def regularized(settings: RegularizerSettings) -> bool:
     """Whether any latent-space regulariser is on."""
     return (
