@@ -59,6 +59,9 @@ class PreviewConfig:
     random_hue: float = _f(
         0.0, "Rotate each crop's hue by up to this fraction of the colour circle (0 = off)."
     )
+    synthetic_colour_images: int = _f(
+        0, "Add this many generated images of every hue to the training images (latentvae.data.synthetic)."
+    )
     cache_images: bool = _f(False, "Keep decoded, resized images in memory.")
     max_bad_fraction: float = _f(0.1, "Stop if more than this fraction of the images is broken.")
     dataloader_num_workers: int = _f(2, "Data loader worker processes per training process.")
