@@ -176,3 +176,42 @@ def test_the_anchor_normalises_as_the_pipeline_does():
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(anchor(x), normalise_latents(vae, vae.encode(x).latent_dist.mean))
     assert anchor.start.decoder is None  # the copy holds no decoder
+
+
+def test_a_vq_model_gets_the_image_terms_through_its_codebook():
+    from latentvae import VQModel
+    from latentvae.training.autoencoding import VQAutoencoding
+
+    torch.manual_seed(0)
+    vae = VQModel.from_preset("tiny-vq-f4")
+    settings = RegularizerSettings(
+        equivariance_prob=1.0, equivariance_scales="0.5,0.5", latent_lowpass_weight=0.5
+    )
+    model = VQAutoencoding(vae, settings=settings)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    recon, _, _, aux = model(x, torch.Generator().manual_seed(0))
+    prediction, target, weight = aux["equivariance"]
+    assert prediction.shape == target.shape == (2, 3, 16, 16) and weight == 1.0
+    torch.testing.assert_close(target, F.avg_pool2d(x, 2))
+    assert aux["lowpass"][0].shape == x.shape
+    loss_fn = AutoencoderLoss(perceptual_weight=0.0, disc_weight=0.0)
+    loss, logs = loss_fn.autoencoder_loss(x, recon, 0, auxiliary=aux)
+    loss.backward()  # gradients reach the decoder through both terms
+    assert logs["equivariance_loss"] > 0 and logs["lowpass_loss"] > 0
+    assert vae.decoder.conv_out.weight.grad.abs().sum() > 0
+
+
+def test_small_transformed_images_are_scored_without_lpips_and_large_ones_with_it():
+    from latentvae.pretrained import build_lpips
+
+    lpips = build_lpips("squeeze", random_backbone=True)
+    with_lpips = AutoencoderLoss(perceptual_loss=lpips, perceptual_weight=1.0, disc_weight=0.0)
+    pixels_only = AutoencoderLoss(perceptual_weight=0.0, disc_weight=0.0)
+    torch.manual_seed(0)
+    x, recon = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    for size, lpips_counts in ((16, False), (32, True)):
+        target, prediction = torch.rand(2, 3, size, size) * 2 - 1, torch.rand(2, 3, size, size) * 2 - 1
+        aux = {"equivariance": (prediction, target, 1.0)}
+        found = with_lpips.autoencoder_loss(x, recon, 0, auxiliary=aux)[1]["equivariance_loss"]
+        plain = pixels_only.autoencoder_loss(x, recon, 0, auxiliary=aux)[1]["equivariance_loss"]
+        assert (found != plain) == lpips_counts, size
