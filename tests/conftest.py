@@ -3,13 +3,14 @@ themselves and serve files from local sockets). HF_HUB_OFFLINE is read by huggin
 and by latentvae.pretrained on every call. `hub`: the Hugging Face Hub's upload calls, recorded instead of made."""
 
 import os
-from pathlib import Path
 
-import pytest
-from huggingface_hub import CommitInfo, HfApi, RepoUrl
-from huggingface_hub.utils import filter_repo_objects
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported: it reads the variable once, then
 
-os.environ["HF_HUB_OFFLINE"] = "1"
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from huggingface_hub import CommitInfo, HfApi, RepoUrl  # noqa: E402
+from huggingface_hub.utils import filter_repo_objects  # noqa: E402
 
 
 @pytest.fixture
