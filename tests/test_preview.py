@@ -137,8 +137,15 @@ def test_the_preview_has_the_vaes_latent_shape_and_pipeline_scale():
             assert tiny.decode(torch.zeros(expected)).sample.shape == x.shape
         # diffusers pipelines: vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         assert len(tiny.config.block_out_channels) == len(vae.config.block_out_channels)
-    with pytest.raises(ValueError, match="--preview_channels: 2 positive widths"):
-        preview_config(AutoencoderKL(**TINY_SD_VAE_CONFIG), "8,8,8")
+    assert preview_config(AutoencoderKL(**TINY_SD_VAE_CONFIG), "8,8")["decoder_block_out_channels"] == (8, 8)
+    # diffusers' AutoencoderTiny cannot run two widths (the conv between levels keeps the width): refused upfront.
+    uneven = diffusers.AutoencoderTiny(encoder_block_out_channels=(8, 16), decoder_block_out_channels=(16, 8),
+                             num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)  # fmt: skip
+    with pytest.raises(RuntimeError):
+        uneven.encode(torch.rand(1, 3, 8, 8))
+    for text in ("8,16", "0", "wide"):
+        with pytest.raises(ValueError, match="--preview_channels"):
+            preview_config(AutoencoderKL(**TINY_SD_VAE_CONFIG), text)
 
 
 def test_the_latent_byte_range_fits_the_measured_latent():

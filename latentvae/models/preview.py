@@ -62,19 +62,18 @@ def raw_latents(vae_config: Any, z_n: Tensor) -> Tensor:
 
 
 def parse_channels(text: str, levels: int) -> tuple[int, ...]:
-    """`--preview_channels`: one width for every level ("64") or one per level, outermost first ("64,64,32,16")."""
+    """`--preview_channels`: the width of every level ("64"; TAESD's). diffusers' `AutoencoderTiny` runs one width
+    through all levels (the conv between two levels keeps its width), so "64,32,..." is refused unless all equal."""
     try:
         widths = tuple(int(part) for part in str(text).split(","))
     except ValueError:
-        raise ValueError(f"--preview_channels takes integers separated by commas, got {text!r}") from None
-    if len(widths) == 1:
-        widths *= levels
-    if len(widths) != levels or min(widths) < 1:
+        raise ValueError(f"--preview_channels takes one integer width, got {text!r}") from None
+    if len(set(widths)) != 1 or widths[0] < 1:
         raise ValueError(
-            f"--preview_channels: {levels} positive widths (one per level of the VAE's {2 ** (levels - 1)}x "
-            f"downsampling) or one for all, got {text!r}"
+            f"--preview_channels: one positive width for all levels (diffusers' AutoencoderTiny keeps one width "
+            f"from level to level), got {text!r}"
         )
-    return widths
+    return widths[:1] * levels
 
 
 def preview_config(vae: Any, channels: str | int = TAESD_CHANNELS) -> dict[str, Any]:
@@ -85,8 +84,7 @@ def preview_config(vae: Any, channels: str | int = TAESD_CHANNELS) -> dict[str, 
 
     Args:
         vae: the teacher, an `AutoencoderKL`.
-        channels: `--preview_channels`, one width or one per level (outermost first; the decoder runs them in
-            reverse, so its full-resolution stage gets the first).
+        channels: `--preview_channels`, the width of every level.
     """
     config = vae.config
     levels = len(config.block_out_channels)
