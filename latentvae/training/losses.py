@@ -22,9 +22,8 @@ from latentvae.training.regularizers import pixel_ratio
 
 PIXEL_LOSSES = ("mse", "l1")
 IMAGE_TERMS = ("equivariance", "lowpass")  # auxiliary reconstructions, scored like the main one
-MIN_PERCEPTUAL_SIZE = (
-    32  # pixels: LPIPS' VGG, AlexNet and SqueezeNet backbones pool smaller images to nothing
-)
+# Pixels: LPIPS' VGG, AlexNet and SqueezeNet backbones pool smaller images to nothing.
+MIN_PERCEPTUAL_SIZE = 32
 
 
 def adaptive_gan_weight(
