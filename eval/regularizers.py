@@ -114,14 +114,13 @@ def main(argv: list[str]) -> int:
     rows = []
     for name, final in finals.items():
         d = diagnosed[name]
-        mean = lambda values: sum(values) / len(values)  # noqa: E731
         rows.append(
             {
                 "variant": name,
                 "flags": DESCRIPTIONS[name],
                 "psnr": scores[name]["psnr"],
                 "ssim": scores[name]["ssim"],
-                **{f"equivariance_{k}": mean(v) for k, v in d["equivariance"].items()},
+                **{f"equivariance_{k}": v for k, v in d["equivariance"].items()},
                 "latent_energy_above_half_nyquist": d["spectra"]["latent"]["high_frequency_share"],
                 "probe_loss": d["probe"]["val_loss"],
                 **drift_from_start(args.start, final, args.val_dir, 128),
