@@ -1,5 +1,5 @@
-"""Tiled encode/decode: exact blending for local operations, exact whole-image GroupNorm statistics, tiled close to
-untiled on the model (far closer than diffusers' tiling), lower peak memory (measured in child processes)."""
+"""Tiled encode/decode: halos make local operations exact, whole-image GroupNorm statistics make the model's tiled
+result its untiled one (where diffusers' tiling is far off), lower peak memory (measured in child processes)."""
 
 import json
 import subprocess
@@ -10,18 +10,12 @@ import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.models.downsampling import Downsample2D
 from torch import nn
 
 from latentvae import AutoencoderKL
 from latentvae.models.groupnorm_stats import Moments, SharedStatistics
-from latentvae.models.tiling import (
-    activation_peak_bytes,
-    owned_ranges,
-    ramp_weights,
-    tile_grid,
-    tile_starts,
-    tiled_apply,
-)
+from latentvae.models.tiling import activation_peak_bytes, receptive_margin, split, tile_grid, tiled_apply
 
 
 def smooth_image(height: int, width: int) -> torch.Tensor:
@@ -33,50 +27,86 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_tile_starts_cover_the_whole_length():
-    assert tile_starts(64, 64, 48) == [0]
-    assert tile_starts(200, 64, 48) == [0, 48, 96, 136]  # the last tile ends exactly at 200
-    assert tile_starts(200, 64, 48, align=8) == [0, 48, 96, 136]
+@pytest.mark.parametrize(
+    "length, tile, align", [(200, 64, 1), (200, 64, 8), (77, 20, 1), (64, 64, 8), (16, 4, 8)]
+)
+def test_split_partitions_the_length_on_the_grid(length, tile, align):
+    parts = split(length, tile, align)
+    assert parts[0][0] == 0 and parts[-1][1] == length
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))  # contiguous, no overlap
+    assert all(0 < hi - lo <= max(tile, align) for lo, hi in parts)
+    assert all(lo % align == 0 for lo, _ in parts)
+    assert len(parts) == min(-(-length // tile), length // align)
+
+
+def test_split_refuses_a_length_off_the_grid():
     with pytest.raises(ValueError, match="multiple of 8"):
-        tile_starts(201, 64, 48, align=8)
+        split(201, 64, align=8)
 
 
-@pytest.mark.parametrize("length, tile, stride, align", [(200, 64, 48, 1), (200, 64, 48, 8), (77, 20, 5, 1)])
-def test_owned_ranges_partition_the_length_inside_their_tiles(length, tile, stride, align):
-    starts = tile_starts(length, tile, stride, align)
-    ranges = owned_ranges(starts, tile, length, align)
-    assert ranges[0][0] == 0 and ranges[-1][1] == length
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no overlap
-    assert all(start <= lo < hi <= start + tile for start, (lo, hi) in zip(starts, ranges))
-    assert all(lo % align == 0 for lo, _ in ranges)
-
-
-def test_tile_regions_are_fractions_of_the_tile():
-    grid = tile_grid(136, 200, 64, 0.25, align=8)
+def test_tile_crops_are_owned_boxes_with_their_margin_and_regions_point_at_them():
+    grid = tile_grid(136, 200, 64, margin=5, align=8)  # the margin rounds up to 8
     covered = torch.zeros(136, 200, dtype=torch.int)
     for t in grid:
-        top, bottom, left, right = t.region
-        y0, y1 = round(t.top + top * t.height), round(t.top + bottom * t.height)
-        x0, x1 = round(t.left + left * t.width), round(t.left + right * t.width)
-        covered[y0:y1, x0:x1] += 1
-    assert torch.all(covered == 1)  # the owned regions partition the image
+        top, bottom, left, right = t.owned
+        covered[top:bottom, left:right] += 1
+        assert t.crop == (max(0, top - 8), min(136, bottom + 8), max(0, left - 8), min(200, right + 8))
+        crop_top, crop_bottom, crop_left, crop_right = t.crop
+        r_top, r_bottom, r_left, r_right = t.region
+        h, w = crop_bottom - crop_top, crop_right - crop_left
+        assert (round(crop_top + r_top * h), round(crop_top + r_bottom * h)) == (top, bottom)
+        assert (round(crop_left + r_left * w), round(crop_left + r_right * w)) == (left, right)
+    assert torch.all(covered == 1)  # the owned boxes partition the image
 
 
-def test_ramp_weights_rise_only_towards_neighbours():
-    w = ramp_weights(8, 8, blend=4, top=True, left=False, bottom=False, right=True)
-    assert torch.all(w > 0) and w.max() == 1
-    assert torch.all(w[:, 0] == w[:, 3]) and torch.all(w[:4, 3].diff() > 0)  # rises from the top edge
-    assert torch.all(w[4:, :4] == 1) and torch.all(w[4, 4:].diff() < 0)  # falls towards the right edge
+def _local_net(channels: int = 3) -> nn.Module:
+    """Convolutions at three resolutions: 3x3 and dilated 5x5 at the input's, nearest upsampling, diffusers'
+    stride-2 Downsample2D (asymmetric padding)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(channels, 6, 3, padding=1), nn.SiLU(), nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Conv2d(6, 6, 5, padding=4, dilation=2), nn.SiLU(),
+        Downsample2D(6, use_conv=True, padding=0), Downsample2D(6, use_conv=True, padding=0), nn.Conv2d(6, 4, 3, padding=1),
+    ).eval()  # fmt: skip
 
 
-@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
-def test_blending_reproduces_a_local_operation_exactly(overlap):
-    """For operations without global statistics, tiles blended by any partition of unity equal the whole."""
-    x = torch.randn(2, 3, 136, 200)
-    up = tiled_apply(lambda t: F.interpolate(t, scale_factor=8, mode="nearest"), x, 48, overlap, scale=8)
-    torch.testing.assert_close(up, F.interpolate(x, scale_factor=8, mode="nearest"))
-    down = tiled_apply(lambda t: F.avg_pool2d(t, 8), x, 64, overlap, scale=1 / 8, align=8)
-    torch.testing.assert_close(down, F.avg_pool2d(x, 8))
+@torch.no_grad()
+def test_receptive_margin_bounds_the_reach_of_the_network():
+    """Hand count for _local_net in input pixels: 1 (3x3) + 4 / 2 (dilated 5x5 at 2x) + 2 / 2 (stride-2 3x3 at 2x)
+    + 2 (stride-2 3x3 at 1x) + 1 / 0.5 (3x3 at 1/2) = 8, plus one for each of the three resolutions."""
+    net = _local_net()
+    assert receptive_margin(net, 3, align=2) == 11
+    # The oracle: a change of one input pixel reaches no output pixel further away than the margin.
+    x = torch.randn(1, 3, 64, 64)
+    bumped = x.clone()
+    bumped[..., 32, 32] += 10
+    changed = (net(bumped) - net(x)).abs().sum(1)[0] > 0  # output at half the input's resolution
+    rows, cols = changed.nonzero(as_tuple=True)
+    reach = max((rows * 2 - 32).abs().max(), (cols * 2 - 32).abs().max()).item()
+    assert 0 < reach <= 11
+
+
+@pytest.mark.parametrize("tile", [16, 24, 64])
+@torch.no_grad()
+def test_tiles_with_the_margin_reproduce_a_local_network_exactly(tile):
+    """Oracle: the untiled call. Without a margin the tiles' zero padding shows inside the image."""
+    net, x = _local_net(), torch.randn(2, 3, 48, 80)
+    margin = receptive_margin(net, 3, align=2)
+    expected = net(x)
+    torch.testing.assert_close(
+        tiled_apply(net, x, tile, margin, scale=0.5, align=2), expected, rtol=1e-5, atol=1e-5
+    )
+    up = tiled_apply(lambda t: F.interpolate(t, scale_factor=8, mode="nearest"), x, tile, 0, scale=8)
+    torch.testing.assert_close(up, F.interpolate(x, scale_factor=8, mode="nearest"), rtol=0, atol=0)
+    assert relative_error(tiled_apply(net, x, tile, 0, scale=0.5, align=2), expected) > 1e-3
+
+
+@torch.no_grad()
+def test_tiling_keeps_channels_last():
+    net, x = _local_net(), torch.randn(1, 3, 32, 32).to(memory_format=torch.channels_last)
+    net = net.to(memory_format=torch.channels_last)
+    out = tiled_apply(net, x, 16, receptive_margin(net, 3, 2), scale=0.5, align=2)
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_moments_merge_to_those_of_the_whole():
@@ -103,9 +133,8 @@ def _conv_gn_net() -> nn.Module:
 
 @torch.no_grad()
 def test_shared_statistics_are_those_of_the_untiled_run():
-    """Receptive field 2 px, tiles 32 px with overlap 0.5: the owned regions are 8 px from any tile border, so the
-    pooled statistics must equal the untiled ones (to fp32 rounding); the blended output then differs only where the
-    tiles' zero padding reaches (under low blending weight), far less than with per-tile statistics."""
+    """With whole-image statistics and halos the tiled output is the untiled one (to fp32 rounding); with per-tile
+    statistics (diffusers' tiling) it is not."""
     net, x = _conv_gn_net(), torch.randn(1, 3, 96, 80) + torch.linspace(-2, 2, 80)  # a trend: tiles differ
     expected = {}
     hooks = [
@@ -116,15 +145,16 @@ def test_shared_statistics_are_those_of_the_untiled_run():
     untiled = net(x)
     for hook in hooks:
         hook.remove()
+    margin = receptive_margin(net, 3)
     with SharedStatistics(net) as shared:
-        tiled = tiled_apply(net, x, 32, 0.5, scale=1, statistics=shared)
+        tiled = tiled_apply(net, x, 32, margin, scale=1, statistics=shared)
     assert shared.statistics.keys() == expected.keys()
     for norm, (mean, var) in expected.items():
         torch.testing.assert_close(shared.statistics[norm][0], mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(shared.statistics[norm][1], var, rtol=1e-5, atol=1e-6)
-    assert relative_error(tiled, untiled) < 0.02
-    independent = tiled_apply(net, x, 32, 0.5, scale=1)  # per-tile statistics, as diffusers' tiling
-    assert relative_error(independent, untiled) > 5 * relative_error(tiled, untiled)
+    torch.testing.assert_close(tiled, untiled, rtol=1e-5, atol=1e-5)
+    independent = tiled_apply(net, x, 32, margin, scale=1)  # per-tile statistics, as diffusers' tiling
+    assert relative_error(independent, untiled) > 0.05
 
 
 @torch.no_grad()
@@ -140,18 +170,17 @@ def test_model_tiles_only_above_the_tile_size_and_keeps_shapes():
     assert model.decode(torch.zeros(1, 4, 16, 24)).sample.shape == (1, 3, 128, 192)
     with pytest.raises(ValueError, match="multiple of"):
         model.enable_tiling(tile_size=60)
-    with pytest.raises(ValueError, match="overlap"):
-        model.enable_tiling(overlap=1.0)
 
 
 @torch.no_grad()
-def test_tiled_model_is_close_to_untiled_and_far_closer_than_diffusers_tiling():
-    """Smooth input, random weights, same tile size and overlap for both implementations. Stated tolerance:
-    relative L2 error of tiled vs untiled below 5 % for encode and decode with shared GroupNorm statistics (what
-    remains is zero padding at tile borders, amplified by untrained weights; a trained model gives > 60 dB, see
-    eval/results/benchmark.md), and at least 10x below diffusers' per-tile statistics (~100 % here)."""
+@pytest.mark.parametrize("budget", [None, 1], ids=["blocks-kept-whole", "one-stage-per-level"])
+def test_tiled_model_is_untiled_and_diffusers_tiling_is_not(budget):
+    """Random weights, 2 resnets per encoder level (3 per decoder level), tiles of 128 px on a 256 px image: with
+    room in the memory budget each residual block is a stage, with none (1 byte) each level is; either way the tiled
+    encode and decode equal the untiled ones to fp32 rounding, where diffusers' tiling (per-tile statistics,
+    blended) is off by percents."""
     torch.manual_seed(0)
-    ours = AutoencoderKL.from_preset("tiny-kl-f8", sample_size=128).eval()
+    ours = AutoencoderKL.from_preset("tiny-kl-f8", sample_size=128, layers_per_block=2).eval()
     ours.tile_memory_budget = None
     theirs = diffusers.AutoencoderKL.from_config(ours.config).eval()
     theirs.load_state_dict(ours.state_dict())
@@ -159,13 +188,14 @@ def test_tiled_model_is_close_to_untiled_and_far_closer_than_diffusers_tiling():
     z = ours.encode(x).latent_dist.mean
     image = ours.decode(z).sample
     ours.enable_tiling()
+    ours.tile_memory_budget = budget
     theirs.enable_tiling()
     for tiled_ours, tiled_theirs, untiled in (
         (ours.encode(x).latent_dist.mean, theirs.encode(x).latent_dist.mean, z),
         (ours.decode(z).sample, theirs.decode(z).sample, image),
     ):
-        assert relative_error(tiled_ours, untiled) < 0.05
-        assert relative_error(tiled_theirs, untiled) > 10 * relative_error(tiled_ours, untiled)
+        torch.testing.assert_close(tiled_ours, untiled, rtol=1e-4, atol=1e-4)
+        assert relative_error(tiled_theirs, untiled) > 0.01
 
 
 @torch.no_grad()
@@ -226,8 +256,9 @@ _CHILD = textwrap.dedent(
     torch.manual_seed(0)
     model = AutoencoderKL.from_preset("tiny-kl-f8", sample_size=128).eval()
     model.tile_memory_budget = None
-    if sys.argv[1] == "tiled":
+    if sys.argv[1] != "untiled":
         model.enable_tiling()
+        model.tile_memory_budget = None if sys.argv[1] == "tiled" else 1  # "lean": no room for whole blocks
     z = torch.randn(1, 4, 64, 64)
     memory = PeakMemory(torch.device("cpu"), 0)
     with torch.no_grad(), memory.track():
@@ -239,17 +270,21 @@ _CHILD = textwrap.dedent(
 
 
 def test_tiled_decode_needs_less_memory_in_a_fresh_process():
-    """512 px decode, 128 px tiles: each case in its own process, peak resident set growth during the decode; the
-    untiled decode's measured peak also checks the estimate that memory-triggered tiling relies on."""
+    """512 px decode, 128 px tiles: each case in its own process, peak resident set growth during the decode, with
+    room for whole blocks and without; the untiled decode's measured peak also checks the estimate that
+    memory-triggered tiling relies on."""
     results = {}
-    for mode in ("untiled", "tiled"):
+    for mode in ("untiled", "tiled", "lean"):
         done = subprocess.run(
             [sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, check=True
         )
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     if results["untiled"]["kind"] is None:
         pytest.skip("peak memory is not measurable on this platform")
-    assert results["tiled"]["growth"] < 0.5 * results["untiled"]["growth"]
+    assert (
+        results["tiled"]["growth"] < 0.65 * results["untiled"]["growth"]
+    )  # 0.48 measured: blocks kept whole
+    assert results["lean"]["growth"] < 0.5 * results["untiled"]["growth"]  # 0.44 measured
     # The estimate against the measured peak (1.3x here: allocator and kernel scratch come on top): a budget set
     # from it must not be off by more than a factor of two either way.
     untiled = results["untiled"]
@@ -268,7 +303,7 @@ def test_shared_statistics_put_back_an_existing_forward_override():
 
     norm.forward = hooked
     with SharedStatistics(net) as shared:
-        tiled_apply(net, torch.randn(1, 3, 40, 40), 24, 0.5, scale=1, statistics=shared)
+        tiled_apply(net, torch.randn(1, 3, 40, 40), 24, 4, scale=1, statistics=shared)
     assert norm.forward is hooked and not calls  # inside: whole-image statistics; after: the hook again
     net(torch.randn(1, 3, 8, 8))
     assert calls == [1]

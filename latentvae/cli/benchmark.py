@@ -36,6 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--max-pixels", type=int, help="skip size x batch combinations with more pixels per call than this")
     add("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="NAME",
         help=f"from {', '.join(VARIANTS)} (low: bf16, fp16 on CUDA; cl: channels_last); the first is the baseline")  # fmt: skip
+    add("--emulated-bf16", action="store_true",
+        help="run the bf16 variants on a CPU without bf16 instructions too (skipped by default: emulated, very slow)")  # fmt: skip
     add("--repeats", type=int, default=5, help="timed rounds per case (median reported)")
     add("--train-sizes", nargs="+", type=int, default=[128, 256])
     add("--train-batch", type=int, default=1)

@@ -18,7 +18,12 @@ from latentvae.models.blocks import Decoder, Encoder, check_block_types
 from latentvae.models.distributions import DiagonalGaussianDistribution
 from latentvae.models.groupnorm_stats import SharedStatistics
 from latentvae.models.presets import PRESETS
-from latentvae.models.tiling import activation_peak_bytes, available_memory_bytes, tiled_apply
+from latentvae.models.tiling import (
+    activation_peak_bytes,
+    available_memory_bytes,
+    receptive_margin,
+    tiled_apply,
+)
 
 
 class AutoencoderKL(DiffusersTwin):
@@ -102,7 +107,6 @@ class AutoencoderKL(DiffusersTwin):
         self.use_tiling = False
         size = c.sample_size[0] if isinstance(c.sample_size, (list, tuple)) else c.sample_size
         self.tile_sample_size = int(size)
-        self.tile_overlap = 0.25
         self.tile_memory_budget: int | str | None = "auto"  # see enable_tiling
 
     # -- memory-saving switches -------------------------------------------------------------------------------------
@@ -114,15 +118,16 @@ class AutoencoderKL(DiffusersTwin):
     def disable_slicing(self) -> None:
         self.use_slicing = False
 
-    def enable_tiling(self, tile_size: int | None = None, overlap: float | None = None) -> None:
-        """Encode and decode images larger than `tile_size` pixels as overlapping tiles that share GroupNorm statistics.
+    def enable_tiling(self, tile_size: int | None = None) -> None:
+        """Encode and decode images larger than `tile_size` pixels in tiles that give the untiled result.
 
-        Unlike diffusers' tiling, every tile is normalised with the GroupNorm statistics of the whole image (measured
-        over the tiles, one GroupNorm per pass, each pass stopping at the GroupNorm it measures) and the bottleneck
-        (mid block, with its attention) runs on the whole latent, so the result matches the untiled one up to the
-        zero padding at tile borders, which the overlap blends away (tiled vs untiled decode of a trained model:
-        > 60 dB PSNR). The measuring passes make a tiled decode about 1.5-2.5x slower than an untiled one. Meant for
-        inference: under autograd the whole-image statistics are constants.
+        Unlike diffusers' tiling, every tile runs with a halo of its neighbours' input as wide as the receptive field
+        of what it runs and keeps only its own box of the output (no blending, no zero padding inside the image), every
+        tile is normalised with the GroupNorm statistics of the whole image (measured over the tiles, one GroupNorm
+        per pass, each pass stopping at the GroupNorm it measures) and the bottleneck (mid block, with its
+        attention) runs on the whole latent: a tiled decode equals the untiled one up to float rounding. The
+        measuring passes cost time (eval/results/benchmark.md). Meant for inference: under autograd the
+        whole-image statistics are constants.
 
         Even with tiling off, inference (no autograd) tiles an image when the estimated untiled peak memory
         (`untiled_peak_bytes`) exceeds `tile_memory_budget`: bytes, `"auto"` (the default: half of the memory
@@ -131,16 +136,11 @@ class AutoencoderKL(DiffusersTwin):
 
         Args:
             tile_size: tile side in image pixels (default `config.sample_size`); a multiple of the downsampling factor.
-            overlap: fraction of a tile shared with each neighbour (default 0.25).
         """
         if tile_size is not None:
             if tile_size % self.downsampling_factor:
                 raise ValueError(f"tile_size {tile_size} must be a multiple of {self.downsampling_factor}")
             self.tile_sample_size = int(tile_size)
-        if overlap is not None:
-            if not 0 <= overlap < 1:
-                raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-            self.tile_overlap = float(overlap)
         self.use_tiling = True
 
     def disable_tiling(self) -> None:
@@ -162,11 +162,15 @@ class AutoencoderKL(DiffusersTwin):
             return False
         if any(side % self.downsampling_factor for side in image_shape[-2:]):
             return False  # the tile grid needs sides divisible by the downsampling factor: run untiled, as called
-        budget = self.tile_memory_budget
-        if budget == "auto":
-            available = available_memory_bytes(self.device)
-            budget = None if available is None else available // 2
+        budget = self._memory_budget()
         return budget is not None and self.untiled_peak_bytes(image_shape, decode) > budget
+
+    def _memory_budget(self) -> int | None:
+        """`tile_memory_budget` in bytes, `"auto"` resolved now; None: no limit."""
+        if self.tile_memory_budget == "auto":
+            available = available_memory_bytes(self.device)
+            return None if available is None else available // 2
+        return self.tile_memory_budget
 
     # -- encode / decode --------------------------------------------------------------------------------------------
 
@@ -193,11 +197,12 @@ class AutoencoderKL(DiffusersTwin):
         return self.decoder(z)
 
     # Tiled passes follow the order of Encoder.forward / Decoder.forward. Every level above the latent's resolution
-    # runs on tiles, one level at a time (its resnets and the resampler between it and the next level), with
-    # whole-image GroupNorm statistics; what runs at the latent's resolution, the bottleneck with its attention
-    # included, runs on the whole latent, as untiled. A tile has the same size in pixels of its level at every level
-    # (the size it has at full resolution), so the overlap stays wide enough at low resolution to keep the zero
-    # padding at tile borders out of the blended result; low-resolution levels simply get fewer tiles.
+    # runs on tiles with whole-image GroupNorm statistics; what runs at the latent's resolution, the bottleneck with
+    # its attention included, runs on the whole latent, as untiled. Each pass over the tiles recomputes everything
+    # from the last tensor kept whole, so a level runs one residual block at a time (the resampler, the first and the
+    # last layers attached to the block next to them), each block's output kept whole, where the memory budget has
+    # room for that; otherwise the whole level is one stage, kept whole only at its ends: less memory, more passes.
+    # A tile has the same size in pixels of its level at every level: low-resolution levels simply get fewer tiles.
 
     def _tiled_encode(self, x: Tensor) -> Tensor:
         if any(side % self.downsampling_factor for side in x.shape[-2:]):
@@ -209,9 +214,14 @@ class AutoencoderKL(DiffusersTwin):
         e, levels = self.encoder, self.encoder.down_blocks
         h = x
         for i, level in enumerate(levels[:-1]):
-            stage = [e.conv_in] if i == 0 else []
-            stage += [*level.resnets, level.downsamplers[0]]
-            h = self._tiled_stage(stage, h, self.tile_sample_size, scale=0.5)
+            width = level.resnets[-1].conv2.out_channels
+            stages = [[resnet] for resnet in level.resnets]
+            if not self._fits_blocks_whole(h, width, 1):
+                stages = [[*level.resnets]]
+            stages[0] = [e.conv_in, *stages[0]] if i == 0 else stages[0]
+            stages[-1] = [*stages[-1], level.downsamplers[0]]
+            for j, stage in enumerate(stages):
+                h = self._tiled_stage(stage, h, self.tile_sample_size, 0.5 if j == len(stages) - 1 else 1)
         h = e.conv_out(e.conv_act(e.conv_norm_out(e.mid_block(levels[-1](h)))))
         return self.quant_conv(h) if self.quant_conv is not None else h
 
@@ -221,19 +231,35 @@ class AutoencoderKL(DiffusersTwin):
         h = d.mid_block(d.conv_in(h))
         for resnet in levels[0].resnets:
             h = resnet(h)
-        output = [d.conv_norm_out, d.conv_act, d.conv_out]
         for i in range(1, len(levels)):
-            stage = [levels[i - 1].upsamplers[0], *levels[i].resnets]
-            stage += output if i == len(levels) - 1 else []
-            # Tiles of the upsampler's input, so tile_sample_size // 2 (the last level's output tile is tile_sample_size).
-            h = self._tiled_stage(stage, h, self.tile_sample_size // 2, scale=2)
+            width = levels[i].resnets[-1].conv2.out_channels
+            stages = [[resnet] for resnet in levels[i].resnets]
+            if not self._fits_blocks_whole(h, width, 2):
+                stages = [[*levels[i].resnets]]
+            stages[0] = [levels[i - 1].upsamplers[0], *stages[0]]
+            if i == len(levels) - 1:
+                stages[-1] += [d.conv_norm_out, d.conv_act, d.conv_out]
+            # The upsampling stage tiles its input: tile_sample_size // 2 gives tiles of tile_sample_size after it.
+            h = self._tiled_stage(stages[0], h, self.tile_sample_size // 2, scale=2)
+            for stage in stages[1:]:
+                h = self._tiled_stage(stage, h, self.tile_sample_size, scale=1)
         return h
+
+    def _fits_blocks_whole(self, x: Tensor, channels: int, scale: float) -> bool:
+        """Whether the memory budget holds a level's input `x` and two whole outputs of its blocks (`channels` at
+        `scale` times `x`'s size): the input and output of a block while the next is computed."""
+        budget = self._memory_budget()
+        if budget is None:
+            return True
+        block = x.shape[0] * channels * round(x.shape[-2] * scale) * round(x.shape[-1] * scale)
+        return (x.numel() + 2 * block) * x.element_size() <= budget
 
     def _tiled_stage(self, modules: list[nn.Module], x: Tensor, tile: int, scale: float) -> Tensor:
         stage = nn.Sequential(*modules)
         align = round(1 / scale) if scale < 1 else 1  # a stride-2 downsampler needs even tile offsets
+        margin = receptive_margin(stage, x.shape[1], align)
         with SharedStatistics(stage) as statistics:
-            return tiled_apply(stage, x, tile, self.tile_overlap, scale, align=align, statistics=statistics)
+            return tiled_apply(stage, x, tile, margin, scale, align=align, statistics=statistics)
 
     @apply_forward_hook
     def encode(

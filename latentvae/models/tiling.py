@@ -1,135 +1,150 @@
-"""Run an image-to-image network on overlapping tiles and blend them, so that peak memory is a fraction of an
-untiled run's (about 0.2 at 1024-2048 px for the SD shape: eval/results/benchmark.md).
+"""Run an image-to-image network on tiles, so that peak memory is a fraction of an untiled run's (about 0.2 at
+1024-2048 px for the SD shape: eval/results/benchmark.md), with the untiled result.
 
-Blending alone cannot hide a network's global statistics: each tile of a GroupNorm network normalises with its
-own mean and variance, so tone shifts from tile to tile (diffusers' tiling). With `statistics`, measuring passes
-come first: each runs the tiles up to the next GroupNorm and pools the moments of the regions the tiles own into
-whole-image statistics (see `SharedStatistics`); the last pass normalises every tile with those, exactly as an
-untiled run would. What remains is the zero padding at tile borders, which the overlap and the blending weights
-keep away from the output.
+The image is cut into a grid of boxes; each box runs with a margin of its neighbours' input around it (its halo),
+as wide as the network's receptive field (`receptive_margin`), and keeps only its own box of the output. A
+convolution's zero padding at a tile border then never reaches the kept output, so tiles need no blending and
+local operations come out exactly as untiled. What a margin cannot give is a network's global statistics: each tile
+of a GroupNorm network would normalise with its own mean and variance, and tone would shift from tile to tile
+(diffusers' tiling). With `statistics`, measuring passes come first: each runs the tiles up to the next GroupNorm
+and pools the moments of the boxes into whole-image statistics (see `SharedStatistics`); the last pass normalises
+every tile with those, exactly as an untiled run would.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from latentvae.models.groupnorm_stats import SharedStatistics, StopTile
 
 
-def tile_starts(length: int, tile: int, stride: int, align: int = 1) -> list[int]:
-    """Start offsets of tiles of size `tile` covering [0, length); the last tile ends exactly at `length`."""
-    if length <= tile:
-        return [0]
-    if (length - tile) % align:
+def split(length: int, tile: int, align: int = 1) -> list[tuple[int, int]]:
+    """[0, length) cut into ceil(length / tile) nearly equal parts, at multiples of `align`."""
+    if length % align:
         raise ValueError(
             f"a size of {length} cannot be tiled on a grid of {align}; pad it to a multiple of {align}"
         )
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
-
-
-def owned_ranges(starts: list[int], tile: int, length: int, align: int = 1) -> list[tuple[int, int]]:
-    """The part of [0, length) each tile owns: neighbours split their overlap in the middle (on the `align` grid)."""
-    cuts = [(start + previous + tile) // 2 // align * align for previous, start in zip(starts, starts[1:])]
-    bounds = [0, *cuts, length]
-    return list(zip(bounds[:-1], bounds[1:]))
+    units, parts = length // align, max(1, -(-length // tile))
+    parts = min(parts, units)
+    cuts = [round(i * units / parts) * align for i in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 @dataclass(frozen=True)
 class Tile:
-    """One tile: its (top, left) corner and size in input pixels, and the (top, bottom, left, right) box it owns."""
+    """One tile: the (top, bottom, left, right) box of the input it owns, and the larger box it runs on (the owned
+    box and its margin, within the image)."""
 
-    top: int
-    left: int
-    height: int
-    width: int
     owned: tuple[int, int, int, int]
+    crop: tuple[int, int, int, int]
 
     @property
     def region(self) -> tuple[float, float, float, float]:
-        """The owned box relative to the tile, as fractions of its height and width (valid at any resolution)."""
+        """The owned box relative to the crop, as fractions of its height and width (valid at any resolution)."""
         top, bottom, left, right = self.owned
+        crop_top, crop_bottom, crop_left, crop_right = self.crop
+        height, width = crop_bottom - crop_top, crop_right - crop_left
         return (
-            (top - self.top) / self.height,
-            (bottom - self.top) / self.height,
-            (left - self.left) / self.width,
-            (right - self.left) / self.width,
+            (top - crop_top) / height,
+            (bottom - crop_top) / height,
+            (left - crop_left) / width,
+            (right - crop_left) / width,
         )
 
 
-def tile_grid(height: int, width: int, tile: int, overlap: float, align: int = 1) -> list[Tile]:
-    """Overlapping `tile` x `tile` tiles covering a `height` x `width` input, row by row.
+def tile_grid(height: int, width: int, tile: int, margin: int, align: int = 1) -> list[Tile]:
+    """Boxes of at most `tile` x `tile` partitioning a `height` x `width` input, row by row, each with its crop:
+    the box grown by `margin` on every side and clipped to the input.
 
     Args:
-        tile: tile side in input pixels.
-        overlap: fraction of a tile shared with each neighbour (0 <= overlap < 1).
-        align: tile offsets are multiples of this (an encoder's downsampling factor, so tiles map onto latents).
+        tile: largest side of an owned box, in input pixels.
+        margin: halo width in input pixels; rounded up to a multiple of `align`.
+        align: box and crop offsets are multiples of this (a stride-2 downsampler needs even offsets).
     """
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    stride = max(align, int(tile * (1 - overlap)) // align * align)
-    rows, cols = tile_starts(height, tile, stride, align), tile_starts(width, tile, stride, align)
-    row_owned = owned_ranges(rows, tile, height, align)
-    col_owned = owned_ranges(cols, tile, width, align)
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    margin = -(-margin // align) * align
     return [
-        Tile(y, x, min(tile, height), min(tile, width), (*row_range, *col_range))
-        for y, row_range in zip(rows, row_owned)
-        for x, col_range in zip(cols, col_owned)
+        Tile(
+            (top, bottom, left, right),
+            (
+                max(0, top - margin),
+                min(height, bottom + margin),
+                max(0, left - margin),
+                min(width, right + margin),
+            ),
+        )
+        for top, bottom in split(height, tile, align)
+        for left, right in split(width, tile, align)
     ]
 
 
-def ramp_weights(
-    height: int, width: int, blend: int, top: bool, left: bool, bottom: bool, right: bool
-) -> Tensor:
-    """A (height, width) weight map: 1 inside, rising linearly over `blend` pixels on edges that have a neighbour."""
+def receptive_margin(fn: nn.Module, channels: int, align: int = 1) -> int:
+    """How far, in input pixels, an output pixel of `fn` can see: a halo at least this wide makes a tile's kept
+    output exactly the untiled one.
 
-    def ramp(n: int, start: bool, end: bool) -> Tensor:
-        w = torch.ones(n)
-        k = min(blend, n)
-        if k > 0:
-            rise = (torch.arange(k) + 0.5) / k  # strictly positive, so every pixel keeps some weight
-            if start:
-                w[:k] = torch.minimum(w[:k], rise)
-            if end:
-                w[n - k :] = torch.minimum(w[n - k :], rise.flip(0))
-        return w
+    Measured on a small input: every convolution reaches half its kernel extent (its whole extent if strided, which
+    covers asymmetric padding) at its own resolution, converted to input pixels; each resolution the network runs
+    at adds one pixel for the rounding of nearest-neighbour and strided resampling. A bound, not the tight value.
+    Global operations (attention) have no finite margin: `fn` must not contain any.
+    """
+    size = 4 * align
+    reaches: list[tuple[int, int]] = []  # (reach in pixels of its input, side of its input)
 
-    return ramp(height, top, bottom)[:, None] * ramp(width, left, right)[None, :]
+    def record(conv: nn.Conv2d, args: tuple) -> None:
+        extent = (conv.kernel_size[0] - 1) * conv.dilation[0]
+        reaches.append((extent if conv.stride[0] > 1 else extent // 2, args[0].shape[-2]))
+
+    convs = [m for m in fn.modules() if isinstance(m, nn.Conv2d)]
+    handles = [conv.register_forward_pre_hook(record) for conv in convs]
+    parameter = next(fn.parameters())
+    try:
+        with torch.no_grad():
+            fn(torch.zeros(1, channels, size, size, device=parameter.device, dtype=parameter.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    # A padded input is a pixel or two larger than its resolution's side: the resolution is the nearest power of 2.
+    ratios = [2.0 ** round(math.log2(side / size)) for _, side in reaches]
+    reach = sum(pixels / ratio for (pixels, _), ratio in zip(reaches, ratios))
+    return math.ceil(reach) + len(set(ratios))
 
 
 def tiled_apply(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
     tile: int,
-    overlap: float,
+    margin: int,
     scale: float,
     align: int = 1,
     statistics: SharedStatistics | None = None,
 ) -> Tensor:
-    """Apply `fn` to overlapping `tile` x `tile` crops of `x` and blend the results with linear ramps.
+    """Apply `fn` to tiles of `x`, each with a halo of `margin` input pixels, and assemble their owned outputs.
 
     Args:
         fn: maps a (B, C, h, w) crop to (B, C', h * scale, w * scale).
         x: (B, C, H, W) input.
-        tile: tile size in input pixels.
-        overlap: fraction of a tile shared with each neighbour (0 <= overlap < 1).
-        scale: output size / input size (8 for an f8 decoder, 1/8 for its encoder).
-        align: tile offsets are multiples of this (the encoder's downsampling factor, so tiles map onto latents).
+        tile: largest side of a tile's owned box, in input pixels.
+        margin: halo width in input pixels; at least `receptive_margin(fn)` for an exact result.
+        scale: output size / input size (2 for an upsampling stage, 1/2 for a downsampling one).
+        align: tile offsets are multiples of this (`1 / scale` for a downsampling stage).
         statistics: the entered `SharedStatistics` of the network `fn` runs: its GroupNorms then use whole-image
             statistics, measured in one pass per GroupNorm (each stopping at that GroupNorm) before the output pass.
 
     Returns:
-        The blended (B, C', H * scale, W * scale) output, a weighted mean of the tiles where they overlap.
+        The (B, C', H * scale, W * scale) output, every pixel from the tile that owns it.
     """
     height, width = x.shape[-2:]
-    grid = tile_grid(height, width, tile, overlap, align)
+    grid = tile_grid(height, width, tile, margin, align)
 
     def crop(t: Tile) -> Tensor:
-        return x[..., t.top : t.top + t.height, t.left : t.left + t.width]
+        top, bottom, left, right = t.crop
+        return x[..., top:bottom, left:right]
 
     if statistics is not None:
         while not statistics.complete:
@@ -142,21 +157,21 @@ def tiled_apply(
             statistics.end_pass()
         statistics.region = None
 
-    blend = int(tile * overlap * scale)
-    out = weight = None
+    out = None
     for t in grid:
         piece = fn(crop(t))
         if out is None:
-            out_shape = (*piece.shape[:2], round(height * scale), round(width * scale))
-            out = torch.zeros(out_shape, device=piece.device, dtype=torch.float32)
-            weight = torch.zeros(out_shape[-2:], device=piece.device, dtype=torch.float32)
-        ph, pw = piece.shape[-2:]
-        neighbours = (t.top > 0, t.left > 0, t.top + t.height < height, t.left + t.width < width)
-        w = ramp_weights(ph, pw, blend, *neighbours).to(out.device)
-        oy, ox = round(t.top * scale), round(t.left * scale)
-        out[..., oy : oy + ph, ox : ox + pw] += piece.float() * w
-        weight[oy : oy + ph, ox : ox + pw] += w
-    return (out / weight).to(piece.dtype)
+            layout = torch.channels_last if _is_channels_last(piece) else torch.contiguous_format
+            shape = (*piece.shape[:2], round(height * scale), round(width * scale))
+            out = torch.empty(shape, device=piece.device, dtype=piece.dtype, memory_format=layout)
+        top, bottom, left, right = (round(v * scale) for v in t.owned)
+        dy, dx = round(t.crop[0] * scale), round(t.crop[2] * scale)
+        out[..., top:bottom, left:right] = piece[..., top - dy : bottom - dy, left - dx : right - dx]
+    return out
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 # Peak activation memory of an untiled pass, in units of its largest single activation (weights not included).
