@@ -44,14 +44,19 @@ def test_split_refuses_a_length_off_the_grid():
         split(201, 64, align=8)
 
 
-def test_tile_crops_are_owned_boxes_with_their_margin_and_regions_point_at_them():
+def test_tile_crops_have_one_size_hold_their_box_with_the_margin_and_regions_point_at_them():
     grid = tile_grid(136, 200, 64, margin=5, align=8)  # the margin rounds up to 8
     covered = torch.zeros(136, 200, dtype=torch.int)
     for t in grid:
         top, bottom, left, right = t.owned
         covered[top:bottom, left:right] += 1
-        assert t.crop == (max(0, top - 8), min(136, bottom + 8), max(0, left - 8), min(200, right + 8))
         crop_top, crop_bottom, crop_left, crop_right = t.crop
+        # one size: the largest box (48 rows, 56 columns) and 8 px on each side
+        assert (crop_bottom - crop_top, crop_right - crop_left) == (48 + 16, 56 + 16)
+        assert crop_top <= max(0, top - 8) and crop_bottom >= min(136, bottom + 8)
+        assert crop_left <= max(0, left - 8) and crop_right >= min(200, right + 8)
+        assert 0 <= crop_top and crop_bottom <= 136 and 0 <= crop_left and crop_right <= 200
+        assert crop_top % 8 == 0 and crop_left % 8 == 0
         r_top, r_bottom, r_left, r_right = t.region
         h, w = crop_bottom - crop_top, crop_right - crop_left
         assert (round(crop_top + r_top * h), round(crop_top + r_bottom * h)) == (top, bottom)

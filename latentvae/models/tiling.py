@@ -58,8 +58,10 @@ class Tile:
 
 
 def tile_grid(height: int, width: int, tile: int, margin: int, align: int = 1) -> list[Tile]:
-    """Boxes of at most `tile` x `tile` partitioning a `height` x `width` input, row by row, each with its crop:
-    the box grown by `margin` on every side and clipped to the input.
+    """Boxes of at most `tile` x `tile` partitioning a `height` x `width` input, row by row, each with its crop: a
+    window of one size for all tiles (the largest box and `margin` on every side, within the input) that holds its
+    box with at least `margin` to spare on every side that is not the input's border. One crop size means one set of
+    convolution kernels (oneDNN and cuDNN build one per input shape) and one size of temporaries.
 
     Args:
         tile: largest side of an owned box, in input pixels.
@@ -69,18 +71,20 @@ def tile_grid(height: int, width: int, tile: int, margin: int, align: int = 1) -
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     margin = -(-margin // align) * align
+    rows, cols = split(height, tile, align), split(width, tile, align)
+
+    def window(lo: int, hi: int, length: int, parts: list[tuple[int, int]]) -> tuple[int, int]:
+        size = min(length, max(b - a for a, b in parts) + 2 * margin)
+        start = min(max(0, lo - margin), length - size)
+        return start, start + size
+
     return [
         Tile(
             (top, bottom, left, right),
-            (
-                max(0, top - margin),
-                min(height, bottom + margin),
-                max(0, left - margin),
-                min(width, right + margin),
-            ),
+            (*window(top, bottom, height, rows), *window(left, right, width, cols)),
         )
-        for top, bottom in split(height, tile, align)
-        for left, right in split(width, tile, align)
+        for top, bottom in rows
+        for left, right in cols
     ]
 
 
