@@ -259,10 +259,17 @@ def test_from_scratch_scales_its_learning_rate_with_width_and_batch(image_dirs, 
         parse_config(["--recipe", "from-scratch", "--scale_lr"])
 
 
-def test_bf16_autocast_keeps_weights_ema_and_optimizer_state_fp32(image_dirs, tmp_path):
+def test_bf16_autocast_keeps_weights_ema_and_optimizer_state_fp32(image_dirs, tmp_path, monkeypatch, caplog):
     flags = ["--max_train_steps", "2", "--ema_decay", "0.9", "--disc_start", "0"]
-    train(image_dirs, tmp_path / "bf16", *flags, "--mixed_precision", "bf16")
-    train(image_dirs, tmp_path / "fp32", *flags, "--mixed_precision", "no")
+    # As on a CPU without bf16 instructions (torch emulates bf16 there): the run goes on, with a warning.
+    monkeypatch.setattr("latentvae.training.launch.cpu_has_bf16", lambda: False)
+    with caplog.at_level("WARNING"):
+        train(image_dirs, tmp_path / "bf16", *flags, "--mixed_precision", "bf16")
+    assert "CPU without bf16 instructions" in caplog.text and "--mixed_precision no" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        train(image_dirs, tmp_path / "fp32", *flags, "--mixed_precision", "no")
+    assert "bf16 instructions" not in caplog.text
     bf16 = checkpoint_tensors(tmp_path / "bf16" / "checkpoint-2")
     floats = {k: v.dtype for k, v in bf16.items() if v.is_floating_point()}
     assert any(k.startswith("custom_checkpoint_1.pkl.shadow_params") for k in floats)  # the EMA weights

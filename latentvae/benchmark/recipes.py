@@ -39,6 +39,7 @@ from latentvae.benchmark.recipe_report import (
 from latentvae.evaluation.evaluate import evaluate, open_data
 from latentvae.evaluation.report import write_outputs
 from latentvae.evaluation.results import EvalSettings, ModelSpec
+from latentvae.models.inference import cpu_has_bf16
 from latentvae.training.recipes import RECIPES
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "training" / "train.py"
@@ -281,7 +282,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--mixed_precision", default="bf16", choices=("no", "fp16", "bf16"))
+    parser.add_argument(
+        "--mixed_precision",
+        default="bf16" if torch.cuda.is_available() or cpu_has_bf16() else "no",
+        choices=("no", "fp16", "bf16"),
+        help="autocast of every run (default: bf16 on a GPU or a CPU with bf16 instructions, else no: emulated bf16 "
+        "is several times slower than fp32)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads in all")
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at once (sharing --threads)")
     parser.add_argument("--validation_steps", type=int, default=250)
