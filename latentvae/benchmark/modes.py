@@ -245,9 +245,8 @@ def run_training(ctx: Context) -> dict:
     }
     precisions = ["fp32", "autocast"]
     if ctx.device.type == "cpu" and not cpu_has_bf16() and not ctx.args.emulated_bf16:
-        precisions = [
-            "fp32"
-        ]  # emulated bf16: many times slower than fp32, no one trains with it (see run_speed)
+        # Emulated bf16: many times slower than fp32, no one trains with it (see run_speed).
+        precisions = ["fp32"]
         print(
             "training: this CPU has no bf16 instructions; skipping the autocast steps (--emulated-bf16 runs them)"
         )
