@@ -190,3 +190,32 @@ def test_to_diffusers_and_back_keep_weights_and_outputs():
     back = AutoencoderKL.from_diffusers(stock)
     assert type(back) is AutoencoderKL
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), ours.state_dict().values()))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_equals_nearest_upsampling_then_conv_in_values_and_gradients(channels_last):
+    """The folded transposed convolution against its definition, `conv2d(interpolate(x, 2, nearest))`: outputs
+    and the gradients of input, weight and bias, at odd sizes (borders of both phases)."""
+    from latentvae.models.blocks import Upsample
+
+    torch.manual_seed(0)
+    upsample = Upsample(6)
+    x = torch.randn(2, 6, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_ref = x.detach().clone().requires_grad_(True)
+    x = x.requires_grad_(True)
+    grad_out = torch.randn(2, 6, 10, 14)
+
+    out = upsample(x)
+    out.backward(grad_out)
+    grads = [x.grad, upsample.conv.weight.grad, upsample.conv.bias.grad]
+    upsample.zero_grad()
+    expected = upsample.conv(torch.nn.functional.interpolate(x_ref, scale_factor=2.0, mode="nearest"))
+    expected.backward(grad_out)
+    expected_grads = [x_ref.grad, upsample.conv.weight.grad, upsample.conv.bias.grad]
+
+    assert out.shape == expected.shape == (2, 6, 10, 14)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-5)

@@ -312,3 +312,58 @@ def test_shared_statistics_put_back_an_existing_forward_override():
     assert norm.forward is hooked and not calls  # inside: whole-image statistics; after: the hook again
     net(torch.randn(1, 3, 8, 8))
     assert calls == [1]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("budget", [None, 1], ids=["blocks-kept-whole", "one-stage-per-level"])
+def test_sampled_statistics_stay_near_untiled_with_fewer_flops(budget):
+    """The fast mode against the untiled run (the oracle), against diffusers' tiling, and against the exact mode's
+    FLOPs counted by torch's FlopCounterMode: every GroupNorm fed by a convolution or an upsampler is measured on a
+    quarter of its positions, so fewer FLOPs are spent, and the result stays within sampling error of untiled. Random
+    weights amplify any change of statistics (their decode spans [-7, 12]); on a trained VAE the sampled mode is
+    ~60 dB from untiled (eval/results/benchmark.md)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = AutoencoderKL.from_preset("tiny-kl-f8", sample_size=128, layers_per_block=2).eval()
+    model.tile_memory_budget = None
+    theirs = diffusers.AutoencoderKL.from_config(model.config).eval()
+    theirs.load_state_dict(model.state_dict())
+    theirs.enable_tiling()
+    x = smooth_image(256, 256) + 0.1 * torch.randn(1, 3, 256, 256)
+    z = model.encode(x).latent_dist.mean
+    image = model.decode(z).sample
+    model.tile_memory_budget = budget
+    flops, outputs = {}, {}
+    for mode in ("exact", "sampled"):
+        model.enable_tiling(statistics=mode)
+        with FlopCounterMode(display=False) as counter:
+            outputs[mode] = (model.encode(x).latent_dist.mean, model.decode(z).sample)
+        flops[mode] = counter.get_total_flops()
+    assert flops["sampled"] < 0.95 * flops["exact"]
+    theirs_outputs = (theirs.encode(x).latent_dist.mean, theirs.decode(z).sample)
+    for sampled, exact, diffusers_tiled, untiled in zip(
+        outputs["sampled"], outputs["exact"], theirs_outputs, (z, image)
+    ):
+        assert 10 * relative_error(exact, untiled) < relative_error(sampled, untiled)
+        assert relative_error(sampled, untiled) < 0.1 * relative_error(diffusers_tiled, untiled)
+
+
+def test_sampled_statistics_measure_the_layer_feeding_each_norm():
+    """Which layer's output each GroupNorm normalises, in a stage of an upsampler and two residual blocks; and the
+    sampled outputs of a convolution and of an upsampler are every other row and column of their full outputs."""
+    from latentvae.models.blocks import ResnetBlock, Upsample
+    from latentvae.models.groupnorm_stats import _sampled_forward, sampled_feeders
+
+    torch.manual_seed(0)
+    up, first, second = Upsample(8), ResnetBlock(8, 4, 2), ResnetBlock(4, 4, 2)
+    feeders = sampled_feeders(nn.Sequential(up, first, second))
+    assert feeders == {first.norm1: up, first.norm2: first.conv1, second.norm2: second.conv1}
+    x = torch.randn(1, 8, 7, 6)
+    with torch.no_grad():
+        for layer in (up, first.conv1.requires_grad_(False)):
+            sample = _sampled_forward(layer, 2, x[:, : layer.weight.shape[1]] if layer is first.conv1 else x)
+            full = layer(x[:, : layer.weight.shape[1]] if layer is first.conv1 else x)
+            torch.testing.assert_close(sample, full[..., ::2, ::2], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="'exact' or 'sampled'"):
+        AutoencoderKL.from_preset("tiny-kl-f8").enable_tiling(statistics="fast")

@@ -302,14 +302,17 @@ def run_tiling(ctx: Context) -> dict:
             estimate = model.untiled_peak_bytes((1, 3, size, size))
             untiled, outputs = {}, {}
             # Our tiling keeps residual blocks whole where its memory budget allows: without a budget, and with a
-            # quarter of the untiled estimate (the memory a tiled decode should stay under).
-            cases = [("latentvae", False, None), ("latentvae", True, None), ("latentvae", True, estimate // 4),
-                     ("diffusers", False, None), ("diffusers", True, None)]  # fmt: skip
-            for implementation, tiled, budget in cases:
+            # quarter of the untiled estimate (the memory a tiled decode should stay under); each with exact and
+            # with sampled statistics (the fast mode).
+            cases = [("latentvae", False, None, None)]
+            cases += [("latentvae", True, budget, statistics) for statistics in ("exact", "sampled")
+                      for budget in (None, estimate // 4)]  # fmt: skip
+            cases += [("diffusers", False, None, None), ("diffusers", True, None, None)]
+            for implementation, tiled, budget, statistics in cases:
                 case = dict(model=f"{tmp}/model", implementation=implementation, tiled=tiled, tile=tile, budget=budget,
-                            device=str(ctx.device), latents=f"{tmp}/z.pt", out=f"{tmp}/out.pt")  # fmt: skip
-                row = dict(size=size, implementation=implementation, tiled=tiled, estimated_mb=estimate / 2**20,
-                           budget_mb=None if budget is None else budget / 2**20)  # fmt: skip
+                            statistics=statistics, device=str(ctx.device), latents=f"{tmp}/z.pt", out=f"{tmp}/out.pt")  # fmt: skip
+                row = dict(size=size, implementation=implementation, tiled=tiled, statistics=statistics,
+                           estimated_mb=estimate / 2**20, budget_mb=None if budget is None else budget / 2**20)  # fmt: skip
                 available = available_memory_bytes(ctx.device) or float("inf")
                 if not tiled and estimate > available / 2:
                     row["skipped"] = (
@@ -352,8 +355,10 @@ def child_main(case: dict) -> None:
     else:
         model.tile_memory_budget = case["budget"]  # None: exactly what was asked, tiled or untiled
         model.tile_sample_size = case["tile"]
-    if case["tiled"]:
+    if case["tiled"] and case["implementation"] == "diffusers":
         model.enable_tiling()
+    elif case["tiled"]:
+        model.enable_tiling(statistics=case["statistics"])
     z = torch.load(case["latents"]).to(device)
     memory = PeakMemory(device, weight_bytes(model))
     with memory.track():

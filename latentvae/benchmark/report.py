@@ -48,7 +48,8 @@ def render_tiling(result: dict) -> list[str]:
     def tiled(r: dict) -> str:
         if not r["tiled"]:
             return "no"
-        return "yes" if r.get("budget_mb") is None else f"yes, budget {r['budget_mb']:.0f} MB"
+        mode = f", {r['statistics']} statistics" if r.get("statistics") else ""
+        return ("yes" if r.get("budget_mb") is None else f"yes, budget {r['budget_mb']:.0f} MB") + mode
 
     rows = [[r["size"], r["implementation"], tiled(r), r.get("seconds"), r.get("activation_mb"),
              r.get("memory_vs_untiled"), r.get("time_vs_untiled"), r.get("psnr_vs_untiled", r.get("skipped"))]
@@ -57,7 +58,8 @@ def render_tiling(result: dict) -> list[str]:
         "## Tiled decode", "", f"Tile {result['tile_size']} px for both implementations (diffusers' overlap 0.25; ours: "
         "a halo of the receptive field). Ours keeps each residual block's output whole where its memory budget "
         "(`tile_memory_budget`) has room, else recomputes the level per GroupNorm pass: rows without and with a budget "
-        "of a quarter of the untiled estimate. Each case runs in a fresh process; memory is the growth of its peak "
+        "of a quarter of the untiled estimate; each with exact statistics and with sampled ones (the fast mode: "
+        "`enable_tiling(statistics=\"sampled\")`). Each case runs in a fresh process; memory is the growth of its peak "
         "resident set (CPU) or of max_memory_allocated (CUDA) during the decode, weights excluded. PSNR: tiled against "
         "untiled decode of the same implementation (uint8; inf: identical). Input: a mosaic of 256 px photo crops.", "",
         *_table(["px", "implementation", "tiled", "s", "activation MB", "memory vs untiled", "time vs untiled",

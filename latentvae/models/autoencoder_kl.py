@@ -108,6 +108,7 @@ class AutoencoderKL(DiffusersTwin):
         size = c.sample_size[0] if isinstance(c.sample_size, (list, tuple)) else c.sample_size
         self.tile_sample_size = int(size)
         self.tile_memory_budget: int | str | None = "auto"  # see enable_tiling
+        self.tile_statistics = "exact"  # see enable_tiling
 
     # -- memory-saving switches -------------------------------------------------------------------------------------
 
@@ -118,7 +119,7 @@ class AutoencoderKL(DiffusersTwin):
     def disable_slicing(self) -> None:
         self.use_slicing = False
 
-    def enable_tiling(self, tile_size: int | None = None) -> None:
+    def enable_tiling(self, tile_size: int | None = None, statistics: str | None = None) -> None:
         """Encode and decode images larger than `tile_size` pixels in tiles that give the untiled result.
 
         Unlike diffusers' tiling, every tile runs with a halo of its neighbours' input as wide as the receptive field
@@ -136,7 +137,16 @@ class AutoencoderKL(DiffusersTwin):
 
         Args:
             tile_size: tile side in image pixels (default `config.sample_size`); a multiple of the downsampling factor.
+            statistics: `"exact"` (the default) measures the whole-image statistics as described; `"sampled"` (the
+                fast mode) measures those of the GroupNorms fed by a convolution or an upsampler on every other row
+                and column, computing only those outputs of that layer: fewer recomputed FLOPs, statistics with a
+                sampling error (~60 dB PSNR against untiled instead of ~100: eval/results/benchmark.md). Kept for
+                later calls, as `tile_memory_budget` is.
         """
+        if statistics is not None:
+            if statistics not in ("exact", "sampled"):
+                raise ValueError(f"statistics must be 'exact' or 'sampled', got {statistics!r}")
+            self.tile_statistics = statistics
         if tile_size is not None:
             if tile_size % self.downsampling_factor:
                 raise ValueError(f"tile_size {tile_size} must be a multiple of {self.downsampling_factor}")
@@ -234,11 +244,15 @@ class AutoencoderKL(DiffusersTwin):
         for i in range(1, len(levels)):
             width = levels[i].resnets[-1].conv2.out_channels
             stages = [[resnet] for resnet in levels[i].resnets]
-            if not self._fits_blocks_whole(h, width, 2):
+            whole = self._fits_blocks_whole(h, width, 2)
+            if not whole:
                 stages = [[*levels[i].resnets]]
             stages[0] = [levels[i - 1].upsamplers[0], *stages[0]]
             if i == len(levels) - 1:
-                stages[-1] += [d.conv_norm_out, d.conv_act, d.conv_out]
+                # With the last block's output whole, the output norm's statistics are read from it (a stage of
+                # its own) instead of recomputing that block in a measuring pass.
+                head = [d.conv_norm_out, d.conv_act, d.conv_out]
+                stages = [*stages, head] if whole else [*stages[:-1], stages[-1] + head]
             # The upsampling stage tiles its input: tile_sample_size // 2 gives tiles of tile_sample_size after it.
             h = self._tiled_stage(stages[0], h, self.tile_sample_size // 2, scale=2)
             for stage in stages[1:]:
@@ -258,7 +272,8 @@ class AutoencoderKL(DiffusersTwin):
         stage = nn.Sequential(*modules)
         align = round(1 / scale) if scale < 1 else 1  # a stride-2 downsampler needs even tile offsets
         margin = receptive_margin(stage, x.shape[1], align)
-        with SharedStatistics(stage) as statistics:
+        stride = 2 if self.tile_statistics == "sampled" else 1
+        with SharedStatistics(stage, sample_stride=stride) as statistics:
             return tiled_apply(stage, x, tile, margin, scale, align=align, statistics=statistics)
 
     @apply_forward_hook

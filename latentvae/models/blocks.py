@@ -64,18 +64,49 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+def _fold_upsampled_taps(weight: Tensor, dim: int) -> Tensor:
+    """Along `dim`, the 3 taps (a, b, c) of a kernel applied after nearest 2x upsampling, as the 4 taps of one
+    stride-2 transposed convolution: output row 2i reads input rows i-1 (a) and i (b + c), row 2i+1 reads i (a + b)
+    and i+1 (c); in `conv_transpose2d`'s tap order (padding 1) that is (c, b + c, a + b, a)."""
+    a, b, c = weight.unbind(dim)
+    return torch.stack([c, b + c, a + b, a], dim)
+
+
+def upsampled_conv_kernel(weight: Tensor) -> Tensor:
+    """The (C_in, C_out, 4, 4) `conv_transpose2d` kernel (stride 2, padding 1) that computes
+    `conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, padding=1)` from `x` directly.
+
+    Each output pixel of the upsample-then-convolve reads only 2x2 distinct input pixels, so it costs 4 multiply-adds
+    per input channel instead of 9 (4/9 of the FLOPs), and the 4x larger upsampled tensor is never made. The taps are
+    summed in the weight's own dtype (fp32 master weights under autocast), before any cast.
+    """
+    return _fold_upsampled_taps(_fold_upsampled_taps(weight, 2), 3).transpose(0, 1)
+
+
+def upsampled_phase_kernel(weight: Tensor) -> Tensor:
+    """The (C_out, C_in, 2, 2) kernel of the even output rows and columns of `upsampled_conv_kernel`'s convolution:
+    on the input padded by one row on top and one column on the left, rows (i-1, i) with taps (a, b + c)."""
+
+    def fold(w: Tensor, dim: int) -> Tensor:
+        a, b, c = w.unbind(dim)
+        return torch.stack([a, b + c], dim)
+
+    return fold(fold(weight, 2), 3)
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv, computed as one stride-2 transposed convolution
+    (`upsampled_conv_kernel`): the same function as diffusers' `Upsample2D` (equal up to float rounding), with 4/9
+    of its multiply-adds. The weights stay a 3x3 `conv`, so checkpoints are unchanged."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Very large or big-batch channels_last inputs hit a kernel limit in nearest upsampling; see diffusers#984.
-        if x.shape[0] >= 64 or x.numel() * 4 > 2**31:
-            x = x.contiguous()
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return F.conv_transpose2d(
+            x, upsampled_conv_kernel(self.conv.weight), self.conv.bias, stride=2, padding=1
+        )
 
 
 class AttentionBlock(nn.Module):

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from latentvae.models.blocks import ResnetBlock, Upsample, upsampled_phase_kernel
+
 # Elements per fp32 chunk while computing moments: small enough to stay in cache between the two passes over it.
 _CHUNK_ELEMENTS = 1 << 18
 
@@ -138,16 +140,29 @@ class SharedStatistics:
     GroupNorm's statistics. Everything before it already used exact whole-image statistics, so after one pass per
     GroupNorm every one of them normalises exactly as in an untiled run.
 
+    With `sample_stride` s > 1 (the fast, approximate mode), a GroupNorm fed directly by a convolution (a residual
+    block's `norm2`, after `conv1`) or by an upsampler (`norm1` of the block after it) is measured on every s-th row
+    and column only: in its pass that layer computes just those outputs (1/s^2 of its work) and the moments are
+    those of the samples. Everything else stays exact; the error is the sampling error of the statistics (at s = 2,
+    ~60 dB PSNR against an untiled decode: eval/results/benchmark.md).
+
     Args:
-        module: the network run on tiles.
+        module: the network run on tiles; an `nn.Sequential` of layers when `sample_stride` > 1.
+        sample_stride: 1 (exact) or the sampling stride of the fast mode.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, sample_stride: int = 1):
+        if sample_stride < 1:
+            raise ValueError(f"sample_stride must be >= 1, got {sample_stride}")
         self.norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
+        self.sample_stride = sample_stride
+        self.feeders = sampled_feeders(module) if sample_stride > 1 else {}
         # (top, bottom, left, right) as fractions of the tile's height and width, while measuring.
         self.region: tuple[float, float, float, float] | None = None
         self.statistics: dict[nn.Module, tuple[Tensor, Tensor]] = {}
         self._measuring: nn.GroupNorm | None = None
+        self._next: nn.GroupNorm | None = None
+        self._sampling: tuple[nn.Module, object] | None = None  # (feeder, its previous instance forward)
         self._parts: list[Moments] = []
         self._replaced: dict[nn.Module, object] = {}
 
@@ -160,11 +175,23 @@ class SharedStatistics:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self._stop_sampling()
         for norm, previous in self._replaced.items():
-            if previous is None:
-                del norm.forward
-            else:
-                norm.forward = previous
+            _restore_forward(norm, previous)
+
+    def begin_pass(self) -> None:
+        """Before a measuring pass: in the fast mode, the layer feeding the GroupNorm this pass measures (the first
+        without statistics, as the network runs them) computes only the sampled rows and columns."""
+        self._next = next((norm for norm in self.norms if norm not in self.statistics), None)
+        feeder = self.feeders.get(self._next)
+        if feeder is not None:
+            self._sampling = (feeder, feeder.__dict__.get("forward"))
+            feeder.forward = functools.partial(_sampled_forward, feeder, self.sample_stride)
+
+    def _stop_sampling(self) -> None:
+        if self._sampling is not None:
+            _restore_forward(*self._sampling)
+            self._sampling = None
 
     @property
     def complete(self) -> bool:
@@ -178,18 +205,64 @@ class SharedStatistics:
                     f"{len(self.norms) - len(self.statistics)} GroupNorm(s) never ran in a pass"
                 )
             return
+        self._stop_sampling()
         moments = Moments.combine(self._parts)
         self.statistics[self._measuring] = moments.group_mean_var(self._measuring.num_groups)
-        self._measuring, self._parts = None, []
+        self._measuring, self._next, self._parts = None, None, []
 
     def _forward(self, norm: nn.GroupNorm, x: Tensor) -> Tensor:
         if norm in self.statistics:
             return normalize(x, *self.statistics[norm], norm)
         if self.region is None:
             raise RuntimeError("a GroupNorm without whole-image statistics ran outside a measuring pass")
+        if self._sampling is not None and norm is not self._next:
+            raise RuntimeError(
+                "GroupNorms ran in another order than the module's: cannot sample their statistics"
+            )
         top, bottom, left, right = self.region
         height, width = x.shape[-2:]
         own = x[..., round(top * height) : round(bottom * height), round(left * width) : round(right * width)]
         self._measuring = norm
         self._parts.append(Moments.of(own))
         raise StopTile
+
+
+def sampled_feeders(stage: nn.Module) -> dict[nn.Module, nn.Module]:
+    """GroupNorm -> the layer whose output it normalises, in an `nn.Sequential` of layers: each residual block's
+    `norm2` is fed by its `conv1` (through a dropout, the identity in inference), and its `norm1` by the layer
+    before the block when that is a convolution or an upsampler."""
+    feeders: dict[nn.Module, nn.Module] = {}
+    previous = None
+    for layer in stage.children():
+        if isinstance(layer, ResnetBlock):
+            feeders[layer.norm2] = layer.conv1
+            if isinstance(previous, (nn.Conv2d, Upsample)):
+                feeders[layer.norm1] = previous
+        previous = layer
+    return feeders
+
+
+def _sampled_forward(layer: nn.Module, stride: int, x: Tensor) -> Tensor:
+    """`layer(x)[..., ::stride, ::stride]`, computing only those outputs."""
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros":
+        return F.conv2d(
+            x,
+            layer.weight,
+            layer.bias,
+            stride=tuple(stride * s for s in layer.stride),
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+        )
+    if isinstance(layer, Upsample) and stride % 2 == 0:
+        # Even output rows and columns of nearest-2x-then-3x3 read input rows (i-1, i) with taps (a, b + c).
+        kernel = upsampled_phase_kernel(layer.conv.weight)
+        return F.conv2d(F.pad(x, (1, 0, 1, 0)), kernel, layer.conv.bias, stride=stride // 2)
+    return type(layer).forward(layer, x)[..., ::stride, ::stride]
+
+
+def _restore_forward(module: nn.Module, previous: object) -> None:
+    if previous is None:
+        del module.forward
+    else:
+        module.forward = previous

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from latentvae.models.blocks import Upsample
 from latentvae.models.groupnorm_stats import SharedStatistics, StopTile
 
 
@@ -104,8 +105,16 @@ def receptive_margin(fn: nn.Module, channels: int, align: int = 1) -> int:
         extent = (conv.kernel_size[0] - 1) * conv.dilation[0]
         reaches.append((extent if conv.stride[0] > 1 else extent // 2, args[0].shape[-2]))
 
-    convs = [m for m in fn.modules() if isinstance(m, nn.Conv2d)]
+    def record_upsample(upsample: Upsample, args: tuple) -> None:
+        # Its 3x3 conv runs folded into a transposed convolution (not through the conv module): an output pixel
+        # reads the input pixel under it and one neighbour.
+        reaches.append((1, args[0].shape[-2]))
+
+    upsamplers = [m for m in fn.modules() if isinstance(m, Upsample)]
+    folded = {id(m.conv) for m in upsamplers}
+    convs = [m for m in fn.modules() if isinstance(m, nn.Conv2d) and id(m) not in folded]
     handles = [conv.register_forward_pre_hook(record) for conv in convs]
+    handles += [upsample.register_forward_pre_hook(record_upsample) for upsample in upsamplers]
     parameter = next(fn.parameters())
     try:
         with torch.no_grad():
@@ -152,6 +161,7 @@ def tiled_apply(
 
     if statistics is not None:
         while not statistics.complete:
+            statistics.begin_pass()
             for t in grid:
                 statistics.region = t.region
                 try:
