@@ -29,6 +29,7 @@ from latentvae.data.images import (
 from latentvae.data.skips import SkipLog
 from latentvae.data.sources import (
     ImageData,
+    embedded_colour_images,
     embedded_images,
     find_images,
     load_hf_images,
@@ -491,6 +492,25 @@ def test_embedded_photographs_load_offline():
     assert data.embedded and "scikit-image" in data.description and "--train_data_dir" in data.description
     assert len(data.train) + len(data.val) == len(paths) and len(data.val) >= 1
     assert set(data.val_names).isdisjoint(map(str, data.train))
+
+
+def test_embedded_colour_photographs_bring_green_and_always_train():
+    """scikit-learn's and matplotlib's photographs are found in their installed packages, hold green-dominant
+    pixels (PIL's HSV: hue 70-170 degrees, saturation and value > 0.2, so not the dark sky noise of the Hubble deep
+    field) where no scikit-image one does, and are never held out."""
+    colour = embedded_colour_images()
+    assert [p.name for p in colour] == ["china.jpg", "flower.jpg", "grace_hopper.jpg"]
+
+    def green_fraction(path) -> float:
+        hsv = np.asarray(load_rgb(path).convert("HSV"), dtype=np.float64)
+        hue, saturation, value = hsv[..., 0] * 360 / 255, hsv[..., 1] / 255, hsv[..., 2] / 255
+        return float(((hue > 70) & (hue < 170) & (saturation > 0.2) & (value > 0.2)).mean())
+
+    assert max(green_fraction(p) for p in colour) > 0.05
+    assert max(green_fraction(p) for p in embedded_images() if p not in colour) < 0.01
+    for seed in range(4):
+        data = load_image_data(seed=seed)
+        assert set(colour) <= set(data.train) and set(colour).isdisjoint(map(Path, data.val))
 
 
 def test_separate_validation_folder(tmp_path):

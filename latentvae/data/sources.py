@@ -62,6 +62,16 @@ EMBEDDED_PHOTOS = (
     "retina.jpg",
     "rocket.jpg",
 )
+# Colour photographs other kept libraries ship in their wheels: the scikit-image ones above hold no green at all
+# and are mostly red, so a VAE trained on them alone returns foliage grey (eval/results/recipes/quickstart-colour.md).
+# scikit-learn's sample images (CC BY 2.0, credited in sklearn/datasets/images/README.txt): a pagoda among trees
+# under a blue sky, and a flower before dark green leaves; matplotlib's sample photograph of Grace Hopper (US Navy,
+# public domain): a navy uniform before the US flag. (package, path inside it)
+EMBEDDED_COLOUR_PHOTOS = (
+    ("sklearn.datasets.images", "china.jpg"),
+    ("sklearn.datasets.images", "flower.jpg"),
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+)
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
@@ -200,13 +210,27 @@ def load_hf_images(
 
 
 def embedded_images() -> list[Path]:
-    """Paths of the photographs in `EMBEDDED_PHOTOS` that the installed scikit-image ships in its package.
+    """Paths of the photographs in `EMBEDDED_PHOTOS` that the installed scikit-image ships in its package, then
+    `embedded_colour_images()`.
 
-    They are read as files from the package folder, never through `skimage.data`'s downloader, so this works
-    offline; a photograph that some scikit-image version does not bundle is simply left out.
+    They are read as files from the package folders, never through `skimage.data`'s downloader, so this works
+    offline; a photograph that some version of its package does not bundle is simply left out.
     """
     folder = Path(str(importlib.resources.files("skimage.data")))
-    return [folder / name for name in EMBEDDED_PHOTOS if (folder / name).is_file()]
+    return [folder / name for name in EMBEDDED_PHOTOS if (folder / name).is_file()] + embedded_colour_images()
+
+
+def embedded_colour_images() -> list[Path]:
+    """Paths of the photographs in `EMBEDDED_COLOUR_PHOTOS` that the installed scikit-learn and matplotlib ship."""
+    paths = []
+    for package, name in EMBEDDED_COLOUR_PHOTOS:
+        try:
+            path = Path(str(importlib.resources.files(package))) / name
+        except ModuleNotFoundError:
+            continue
+        if path.is_file():
+            paths.append(path)
+    return paths
 
 
 def _take(sources: Sequence[ImageSource], indices: list[int]) -> Sequence[ImageSource]:
@@ -383,23 +407,32 @@ def load_image_data(
     else:
         sources = embedded_images()
         names = ", ".join(Path(source).stem for source in sources)
-        where = f"the {len(sources)} photographs bundled with scikit-image ({names})"
+        where = (
+            f"the {len(sources)} photographs bundled with scikit-image, scikit-learn and matplotlib ({names})"
+        )
     train = _checked(sources, where, skip_log, max_bad_fraction)
+    embedded = dataset_name is None and train_data_dir is None
+    # The few bundled photographs with green and blue always train; validation holds out scikit-image ones.
+    always_train = set(embedded_colour_images()) if embedded else set()
 
     if val_data_dir is not None:
         val_where = f"validation folder {val_data_dir}"
         val = _checked(find_images(val_data_dir), val_where, skip_log, max_bad_fraction)
         val_note = f"{len(val)} validation images from {val_data_dir}"
     else:
+        kept = [source for source in train if source in always_train]
+        if kept:
+            train = [source for source in train if source not in always_train]
         count = default_val_count(len(train)) if val_count is None else val_count
         train, val = split_train_val(train, val_count=count, seed=seed)
         val_note = f"{len(val)} held out for validation (seed {seed})"
+        if kept:
+            train = [*train, *kept]
         if len(val) == 0:  # one image, or val_count=0: validation then measures the fit to training images
             val = train
             val_note = "no image held out, so validation uses the training images"
 
     description = f"{where}: {len(train)} training images, {val_note}; {skip_log.summary()}."
-    embedded = dataset_name is None and train_data_dir is None
     if embedded:
         description = (
             f"No --train_data_dir or --dataset_name given, so using {description} "
