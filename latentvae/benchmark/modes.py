@@ -378,14 +378,24 @@ def run_fp16(ctx: Context) -> dict:
 
 @torch.inference_mode()
 def run_fidelity(ctx: Context) -> dict:
-    models = build_models(ctx.trained, ["diffusers-fp32", "ours-fp32", "ours-fast"], ctx.device)
+    # The fast path beside the best a diffusers user picks by hand (bf16 + channels_last; fp16 on CUDA), each also
+    # scored against the fp32 reconstruction (unrounded: fidelity to fp32 beyond uint8's step).
+    names = ["diffusers-fp32", "diffusers-low-cl", "ours-fp32", "ours-fast"]
+    if ctx.device.type == "cpu" and not cpu_has_bf16() and not ctx.args.emulated_bf16:
+        names.remove("diffusers-low-cl")  # emulated bf16: see run_speed
+    models = build_models(ctx.trained, names, ctx.device)
     images = real_batch(ctx.args, ctx.args.fidelity_images, 256)
     scores = {name: {} for name in models}  # variant -> metric -> per-image values
     for x in images.to(ctx.device).split(8):
+        fp32 = None
         for name, model in models.items():
-            recon = model.decode(model.encode(x).latent_dist.mode()).sample
+            z = model.encode(x.to(model.dtype)).latent_dist.mode()
+            recon = model.decode(z).sample.float()
             real8, fake8 = to_uint8(x), to_uint8(recon)
-            for metric, values in {"psnr": psnr(real8, fake8), **colour_scores(real8, fake8)}.items():
+            fp32 = (recon.clamp(-1, 1) + 1) * 127.5 if fp32 is None else fp32  # diffusers-fp32 comes first
+            measured = {"psnr": psnr(real8, fake8), **colour_scores(real8, fake8),
+                        "psnr_vs_fp32": psnr(fp32, (recon.clamp(-1, 1) + 1) * 127.5)}  # fmt: skip
+            for metric, values in measured.items():
                 scores[name].setdefault(metric, []).extend(values.tolist())
     means = {name: {m: float(np.nanmean(v)) for m, v in metrics.items()} for name, metrics in scores.items()}
     fast = models["ours-fast"].inference_settings

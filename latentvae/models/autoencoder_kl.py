@@ -140,7 +140,7 @@ class AutoencoderKL(DiffusersTwin):
             statistics: `"exact"` (the default) measures the whole-image statistics as described; `"sampled"` (the
                 fast mode) measures those of the GroupNorms fed by a convolution or an upsampler on every other row
                 and column, computing only those outputs of that layer: fewer recomputed FLOPs, statistics with a
-                sampling error (~60 dB PSNR against untiled instead of ~100: eval/results/benchmark.md). Kept for
+                sampling error (57-59 dB PSNR against untiled instead of ~100: eval/results/benchmark.md). Kept for
                 later calls, as `tile_memory_budget` is.
         """
         if statistics is not None:

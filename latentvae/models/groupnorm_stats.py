@@ -144,7 +144,7 @@ class SharedStatistics:
     block's `norm2`, after `conv1`) or by an upsampler (`norm1` of the block after it) is measured on every s-th row
     and column only: in its pass that layer computes just those outputs (1/s^2 of its work) and the moments are
     those of the samples. Everything else stays exact; the error is the sampling error of the statistics (at s = 2,
-    ~60 dB PSNR against an untiled decode: eval/results/benchmark.md).
+    57-59 dB PSNR against an untiled decode: eval/results/benchmark.md).
 
     Args:
         module: the network run on tiles; an `nn.Sequential` of layers when `sample_stride` > 1.
