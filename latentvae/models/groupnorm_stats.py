@@ -185,8 +185,12 @@ class SharedStatistics:
         self._next = next((norm for norm in self.norms if norm not in self.statistics), None)
         feeder = self.feeders.get(self._next)
         if feeder is not None:
-            self._sampling = (feeder, feeder.__dict__.get("forward"))
-            feeder.forward = functools.partial(_sampled_forward, feeder, self.sample_stride)
+            previous, stride = feeder.__dict__.get("forward"), self.sample_stride
+            self._sampling = (feeder, previous)
+            if previous is None:
+                feeder.forward = functools.partial(_sampled_forward, feeder, stride)
+            else:  # a hook's forward (e.g. accelerate's offload) stays in charge: run it whole, then sample
+                feeder.forward = lambda x: previous(x)[..., ::stride, ::stride]
 
     def _stop_sampling(self) -> None:
         if self._sampling is not None:
@@ -199,13 +203,13 @@ class SharedStatistics:
 
     def end_pass(self) -> None:
         """Fix the statistics of the GroupNorm measured in this pass from the moments of all tiles."""
+        self._stop_sampling()
         if self._measuring is None:
             if not self.complete:
                 raise RuntimeError(
                     f"{len(self.norms) - len(self.statistics)} GroupNorm(s) never ran in a pass"
                 )
             return
-        self._stop_sampling()
         moments = Moments.combine(self._parts)
         self.statistics[self._measuring] = moments.group_mean_var(self._measuring.num_groups)
         self._measuring, self._next, self._parts = None, None, []
