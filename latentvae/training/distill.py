@@ -151,6 +151,9 @@ def finish(accelerator, cfg, teacher, preview, ema, data, step: int, val_metrics
             ),
             flush=True,
         )
+    # Every process leaves the group together: a rank destroying its gloo group while the main one still exports
+    # sometimes died in teardown ("terminate called without an active exception", 1 run in 3 of the 2-process test).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return final_dir
 
