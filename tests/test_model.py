@@ -219,3 +219,24 @@ def test_upsample_equals_nearest_upsampling_then_conv_in_values_and_gradients(ch
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, atol=1e-4, rtol=1e-5)
+
+
+def test_upsample_lets_a_hook_on_its_conv_run():
+    """accelerate's hooks (sequential CPU offload) sit on the conv module: the upsampler then calls it, and the output
+    is the same function."""
+    from latentvae.models.blocks import Upsample
+
+    class Counting(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(1)
+            return args, kwargs
+
+    torch.manual_seed(0)
+    upsample, calls = Upsample(4).eval(), []
+    x = torch.randn(1, 4, 5, 6)
+    with torch.no_grad():
+        folded = upsample(x)
+        add_hook_to_module(upsample.conv, Counting())
+        hooked = upsample(x)
+    assert calls == [1]
+    torch.testing.assert_close(hooked, folded, atol=1e-5, rtol=1e-5)

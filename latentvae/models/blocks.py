@@ -104,9 +104,12 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv_transpose2d(
-            x, upsampled_conv_kernel(self.conv.weight), self.conv.bias, stride=2, padding=1
-        )
+        conv = self.conv
+        if "forward" in conv.__dict__ or conv._forward_pre_hooks or conv._forward_hooks:
+            # A hook owns the conv (accelerate's sequential offload moves its weights in; an adapter changes them):
+            # call the module itself, as diffusers does.
+            return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return F.conv_transpose2d(x, upsampled_conv_kernel(conv.weight), conv.bias, stride=2, padding=1)
 
 
 class AttentionBlock(nn.Module):
